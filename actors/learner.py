@@ -1,0 +1,92 @@
+"""The learner group: N ranks of OPDLearner joined by torch.distributed DDP (NCCL on GPU, gloo on CPU)."""
+import os
+import socket
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from flowopd.learner import OPDLearner
+from flowopd.models import quiet_libraries
+
+PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar")
+
+
+class LearnerRank:
+    def __init__(self, cfg, rank: int, world: int):
+        quiet_libraries()
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.learner = None
+
+    def master_address(self) -> tuple[str, int]:
+        addr = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return addr, s.getsockname()[1]
+
+    def setup(self, addr: str, port: int) -> None:
+        if self.world > 1:
+            backend = self.cfg.learner.backend
+            if backend == "auto":
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if addr.startswith("127.") and backend == "gloo":
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                    world_size=self.world)
+        self.learner = OPDLearner(self.cfg, self.world)
+
+    def train_step(self, batch: dict, total_states: int) -> dict:
+        return self.learner.train_step(batch, total_states)
+
+    def lora_state(self) -> dict:
+        return self.learner.lora_state()
+
+    def optimizer_state(self) -> dict:
+        return self.learner.optimizer_state()
+
+    def load_state(self, lora: dict, optimizer: dict | None) -> None:
+        self.learner.load_lora_state(lora)
+        if optimizer is not None:
+            self.learner.load_optimizer_state(optimizer)
+
+
+class LearnerGroup:
+    """Creates the ranks in one placement group (packed, so NCCL stays on fast links) and joins them."""
+
+    def __init__(self, cfg):
+        lc = cfg.learner
+        bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {}), **lc.resources}
+        self.pg = placement_group([bundle] * lc.ranks, strategy="PACK")
+        ray.get(self.pg.ready())
+        cls = ray.remote(LearnerRank)
+        self.ranks = [cls.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=lc.resources or None,
+                                  scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                      placement_group=self.pg, placement_group_bundle_index=i)).remote(cfg, i, lc.ranks)
+                      for i in range(lc.ranks)]
+        addr, port = ray.get(self.ranks[0].master_address.remote())
+        ray.get([r.setup.remote(addr, port) for r in self.ranks])
+
+    def train_step(self, batch: dict) -> list[dict]:
+        """Shard the states evenly over the ranks and take one synchronised optimizer step."""
+        n = len(batch["x"])
+        bounds = np.linspace(0, n, len(self.ranks) + 1).astype(int)
+        refs = []
+        for r, lo, hi in zip(self.ranks, bounds[:-1], bounds[1:]):
+            shard = {k: (v[lo:hi] if k in PER_STATE else v) for k, v in batch.items()}
+            refs.append(r.train_step.remote(shard, n))
+        return ray.get(refs)
+
+    def lora_state(self) -> dict:
+        return ray.get(self.ranks[0].lora_state.remote())
+
+    def optimizer_state(self) -> dict:
+        return ray.get(self.ranks[0].optimizer_state.remote())
+
+    def all_lora_states(self) -> list[dict]:
+        return ray.get([r.lora_state.remote() for r in self.ranks])
+
+    def load_state(self, lora: dict, optimizer: dict | None) -> None:
+        ray.get([r.load_state.remote(lora, optimizer) for r in self.ranks])

@@ -1,0 +1,76 @@
+"""Rollout workers: the student samples SDE trajectories with the current (versioned) LoRA weights."""
+import numpy as np
+import torch
+
+from flowopd.flow import shifted_sigmas
+from flowopd.models import (
+    add_student_adapter,
+    encode_prompts,
+    load_lora_state,
+    load_pipeline,
+    lora_config,
+    quiet_libraries,
+    resolve_device,
+    resolve_dtype,
+)
+from flowopd.rollout import sample_generators, sample_trajectories
+
+
+class RolloutWorker:
+    def __init__(self, cfg, device: str = "auto"):
+        quiet_libraries()
+        self.cfg = cfg
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.pipe = load_pipeline(cfg.model.base, self.dtype, self.device)
+        s = cfg.student
+        self.model = add_student_adapter(self.pipe.transformer,
+                                         lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init),
+                                         s.init_adapter).eval()
+        self.model.requires_grad_(False)
+        self.version = -1
+        sc = cfg.sampling
+        self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
+        self.num_train_steps = max(1, int(sc.num_steps * sc.train_timestep_fraction))
+        self.neg = encode_prompts(self.pipe, [sc.negative_prompt], cfg.model.max_sequence_length)
+        side = cfg.model.resolution // self.pipe.vae_scale_factor
+        self.latent_shape = (self.pipe.transformer.config.in_channels, side, side)
+
+    def set_weights(self, version: int, lora: dict) -> int:
+        if version != self.version:
+            load_lora_state(self.model, lora)
+            self.version = version
+        return self.version
+
+    def rollout(self, step: int, version: int, lora: dict, prompts: list[str], prompt_ids: list[int]) -> dict:
+        """G samples for each prompt; returns every trained state, flattened in (step j, sample) order."""
+        self.set_weights(version, lora)
+        cfg, sc = self.cfg, self.cfg.sampling
+        G, dev = cfg.data.group_size, self.device
+        embeds, pooled = encode_prompts(self.pipe, prompts, cfg.model.max_sequence_length)
+        autocast = self.dtype if self.dtype != torch.float32 else None
+        sample_prompt = np.repeat(np.arange(len(prompts)), G)
+        sample_ids = np.repeat(np.asarray(prompt_ids), G) * G + np.tile(np.arange(G), len(prompts))
+        outs = []
+        bs = cfg.rollout.batch_size
+        for i in range(0, len(sample_prompt), bs):
+            pi = torch.as_tensor(sample_prompt[i:i + bs])
+            gens = sample_generators(cfg.seed, step, sample_ids[i:i + bs], dev)
+            outs.append(sample_trajectories(
+                self.model, embeds[pi].to(dev), pooled[pi].to(dev), self.neg[0].to(dev), self.neg[1].to(dev),
+                self.sigmas, sc.noise_level, sc.guidance, self.latent_shape, gens, self.num_train_steps, autocast))
+        x, x_next, logp = (torch.cat([o[k] for o in outs], dim=1) for k in range(3))
+        J, B = x.shape[:2]
+        return {
+            "x": x.flatten(0, 1).cpu().numpy(), "x_next": x_next.flatten(0, 1).cpu().numpy(),
+            "logp_old": logp.flatten().cpu().numpy(),
+            "step_idx": np.repeat(np.arange(J), B), "prompt_idx": np.tile(sample_prompt, J),
+            "sigma": self.sigmas[np.repeat(np.arange(J), B)].numpy(),
+            "embeds": embeds.numpy(), "pooled": pooled.numpy(),
+            "neg_embeds": self.neg[0].numpy(), "neg_pooled": self.neg[1].numpy(),
+            "final": torch.cat([o[3] for o in outs]).cpu().numpy(),
+            "version": self.version,
+        }
+
+    def ping(self) -> int:
+        return self.version

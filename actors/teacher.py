@@ -1,0 +1,115 @@
+"""Frozen teacher velocity servers and the pools that batch, spread and retry queries over replicas."""
+import itertools
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import ray
+import torch
+from peft import PeftModel
+
+from flowopd.models import as_tensor, load_transformer, quiet_libraries, resolve_device, resolve_dtype, velocity
+
+
+class TeacherServer:
+    """Hosts several teachers on one frozen base: LoRA teachers as named peft adapters, the base itself
+    (adapter disabled), and full-checkpoint teachers as separate transformers."""
+
+    def __init__(self, base: str, teachers: dict[str, dict], dtype: str = "auto", batch_size: int = 32,
+                 device: str = "auto"):
+        quiet_libraries()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        self.kind, self.full = {}, {}
+        self.base = load_transformer(base, self.dtype, self.device)
+        self.peft = None
+        for name, spec in teachers.items():
+            if spec.get("adapter"):
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.base, spec["adapter"], adapter_name=name)
+                else:
+                    self.peft.load_adapter(spec["adapter"], adapter_name=name)
+                self.kind[name] = "adapter"
+            elif spec.get("transformer"):
+                self.full[name] = load_transformer(spec["transformer"], self.dtype, self.device)
+                self.kind[name] = "full"
+            else:
+                self.kind[name] = "base"
+        if self.peft is not None:
+            self.peft.requires_grad_(False).eval()
+
+    def _model(self, teacher: str):
+        kind = self.kind[teacher]
+        if kind == "full":
+            return self.full[teacher], None
+        if kind == "base" and self.peft is not None:
+            return self.peft, self.peft.disable_adapter
+        if kind == "adapter":
+            self.peft.set_adapter(teacher)
+            return self.peft, None
+        return self.base, None
+
+    @torch.no_grad()
+    def velocity(self, teacher: str, x: np.ndarray, sigma: np.ndarray, prompt_idx: np.ndarray,
+                 text: dict, guidance: float) -> np.ndarray:
+        """CFG velocities of `teacher` for a batch of states; text holds per-prompt embeddings."""
+        if teacher not in self.kind:
+            raise KeyError(f"teacher {teacher!r} is not hosted here (hosted: {sorted(self.kind)})")
+        model, ctx = self._model(teacher)
+        dev = self.device
+        embeds, pooled = as_tensor(text["embeds"]), as_tensor(text["pooled"])
+        neg_e, neg_p = as_tensor(text["neg_embeds"], dev), as_tensor(text["neg_pooled"], dev)
+        autocast = self.dtype if self.dtype != torch.float32 else None
+        out = []
+        with (ctx() if ctx else nullcontext()):
+            for i in range(0, len(x), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                pi = as_tensor(prompt_idx[sl]).long()
+                v = velocity(model, as_tensor(x[sl], dev), as_tensor(sigma[sl], dev),
+                             embeds[pi].to(dev), pooled[pi].to(dev), neg_e, neg_p, guidance, autocast)
+                out.append(v.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class TeacherPools:
+    """One pool of replicas per configured pool; each replica hosts every teacher assigned to its pool.
+
+    Replicas are restarted by Ray when they die and in-flight queries are retried (max_task_retries).
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.pool_of = {name: cfg.teachers[name].pool for name in cfg.used_teachers()}
+        self.replicas: dict[str, list] = {}
+        self._next: dict[str, int] = {}
+        remote_cls = ray.remote(TeacherServer)
+        for pool_name in sorted(set(self.pool_of.values())):
+            pc = cfg.pools[pool_name]
+            hosted = {n: cfg.teachers[n].model_dump() for n, p in self.pool_of.items() if p == pool_name}
+            opts = {"num_gpus": pc.num_gpus, "num_cpus": pc.num_cpus, "resources": pc.resources or None,
+                        "max_restarts": pc.max_restarts, "max_task_retries": pc.max_restarts}
+            self.replicas[pool_name] = [
+                remote_cls.options(**opts).remote(cfg.model.base, hosted, cfg.model.dtype, pc.batch_size)
+                for _ in range(pc.replicas)]
+            self._next[pool_name] = 0
+
+    def wait_ready(self) -> None:
+        ray.get([r.ping.remote() for rs in self.replicas.values() for r in rs])
+
+    def query(self, teacher: str, x: np.ndarray, sigma: np.ndarray, prompt_idx: np.ndarray, text_ref) -> list:
+        """Split a teacher's states into one chunk per replica (round robin); returns (slice, ref) pairs."""
+        pool = self.pool_of[teacher]
+        reps = self.replicas[pool]
+        guidance = self.cfg.teacher_guidance(teacher)
+        bounds = np.linspace(0, len(x), min(len(reps), len(x)) + 1).astype(int)
+        out = []
+        for lo, hi in itertools.pairwise(bounds):
+            rep = reps[self._next[pool] % len(reps)]
+            self._next[pool] += 1
+            out.append((slice(lo, hi), rep.velocity.remote(teacher, x[lo:hi], sigma[lo:hi], prompt_idx[lo:hi],
+                                                           text_ref, guidance)))
+        return out

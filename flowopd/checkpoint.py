@@ -1,0 +1,117 @@
+"""Atomic, resumable checkpoints: the student as a peft adapter directory, AdamW state, trainer state.
+
+A checkpoint is written into a temporary directory and renamed into place, and `latest` is replaced
+atomically afterwards, so a crash at any point leaves the previous checkpoint intact and findable.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter(path: Path, lora: dict, config: LoraConfig) -> None:
+    """A plain peft adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(path))
+    save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in lora.items()},
+               str(path / "adapter_model.safetensors"))
+
+
+def _flatten_optimizer(state: dict):
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for idx, st in state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{idx}.{k}"] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class CheckpointManager:
+    def __init__(self, root: str, keep: int = 3):
+        self.root = Path(root)
+        self.keep = keep
+
+    def save(self, step: int, lora: dict, lora_cfg: LoraConfig, optimizer: dict, trainer_state: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(tmp / "student", lora, lora_cfg)
+        tensors, meta = _flatten_optimizer(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json_atomic(tmp / "optimizer.json", meta)
+        write_json_atomic(tmp / STATE_FILE, {**trainer_state, "step": step})
+        _fsync_dir(tmp)
+        if final.exists():  # left by a run that went further before this one resumed from earlier
+            stale = self.root / f".stale-{final.name}-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        write_json_atomic(self.root / "latest", {"step": step, "dir": final.name})
+        self._prune()
+        return final
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step_*") if (p / STATE_FILE).exists())
+
+    def _prune(self) -> None:
+        for p in self.complete()[:-self.keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (trusting `latest` only if it points at a complete one)."""
+        try:
+            d = self.root / json.loads((self.root / "latest").read_text())["dir"]
+            if (d / STATE_FILE).exists():
+                return d
+        except (OSError, ValueError, KeyError):
+            pass
+        done = self.complete()
+        return done[-1] if done else None
+
+    @staticmethod
+    def load(path: Path) -> dict:
+        lora = {k: v.numpy() for k, v in load_file(str(path / "student" / "adapter_model.safetensors")).items()}
+        optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                         json.loads((path / "optimizer.json").read_text()))
+        return {"lora": lora, "optimizer": optimizer,
+                "trainer_state": json.loads((path / STATE_FILE).read_text())}

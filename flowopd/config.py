@@ -1,0 +1,183 @@
+"""Validated job configuration (pydantic): YAML file + `key=value` overrides, checked before any actor starts."""
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .models import LORA_TARGETS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(Strict):
+    """Where a group of actors runs; `resources` names custom node resources (see ray_cluster.yaml)."""
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, ge=0)
+    resources: dict[str, float] = {}
+
+
+class ModelConfig(Strict):
+    base: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_sequence_length: int = Field(256, gt=0)
+    resolution: int = Field(512, gt=0)
+
+
+class StudentConfig(Strict):
+    init_adapter: str | None = None
+    lora_rank: int = Field(32, gt=0)
+    lora_alpha: float = 64
+    lora_targets: list[str] = LORA_TARGETS
+    lora_init: Literal["gaussian", "default"] = "gaussian"
+
+
+class TeacherConfig(Strict):
+    """A frozen teacher: a peft LoRA adapter on the shared base, a full transformer checkpoint, or the base."""
+    adapter: str | None = None
+    transformer: str | None = None
+    guidance: float | None = None
+    pool: str = "default"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.adapter and self.transformer:
+            raise ValueError("give either `adapter` or `transformer`, not both")
+        return self
+
+
+class PoolConfig(Resources):
+    replicas: int = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0)
+    max_restarts: int = Field(3, ge=0)
+
+
+class MarConfig(Strict):
+    teacher: str | None = None
+    weight: float = Field(0.02, ge=0)
+
+
+class SamplingConfig(Strict):
+    num_steps: int = Field(10, gt=1)
+    shift: float = Field(3.0, gt=0)
+    noise_level: float = Field(0.7, ge=0)
+    guidance: float = 4.5
+    negative_prompt: str = ""
+    train_timestep_fraction: float = Field(0.99, gt=0, le=1)
+
+
+class DataSource(Strict):
+    path: str
+    format: Literal["geneval", "ocr", "pickscore", "txt", "jsonl", "parquet"]
+    task: str | None = None
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    prompts_per_step: int = Field(2, gt=0)
+    group_size: int = Field(24, gt=0)
+
+
+class RolloutConfig(Resources):
+    workers: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class LearnerConfig(Resources):
+    ranks: int = Field(1, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+class LossConfig(Strict):
+    form: Literal["analytic", "policy_gradient"] = "analytic"
+    kl_weighting: Literal["exact", "released"] = "exact"
+    clip_range: float | None = None
+    train_cfg: bool = True
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, gt=0)
+    checkpoint_every: int = Field(10, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+
+
+class OPDConfig(Strict):
+    seed: int = 0
+    output_dir: str
+    ray_address: str | None = None
+    tiny_assets: str | None = None
+    model: ModelConfig
+    student: StudentConfig = StudentConfig()
+    teachers: dict[str, TeacherConfig] = Field(min_length=1)
+    route: dict[str, str] = Field(min_length=1)
+    mar: MarConfig = MarConfig()
+    pools: dict[str, PoolConfig] = {"default": PoolConfig()}
+    sampling: SamplingConfig = SamplingConfig()
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _references(self):
+        for task, name in self.route.items():
+            if name not in self.teachers:
+                raise ValueError(f"route.{task}: teacher {name!r} is not defined under `teachers` "
+                                 f"(defined: {sorted(self.teachers)})")
+        if self.mar.teacher is not None and self.mar.teacher not in self.teachers:
+            raise ValueError(f"mar.teacher: {self.mar.teacher!r} is not defined under `teachers`")
+        for name, t in self.teachers.items():
+            if t.pool not in self.pools:
+                raise ValueError(f"teachers.{name}.pool: pool {t.pool!r} is not defined under `pools`")
+        return self
+
+    def teacher_guidance(self, name: str) -> float:
+        g = self.teachers[name].guidance
+        return self.sampling.guidance if g is None else g
+
+    def used_teachers(self) -> list[str]:
+        names = set(self.route.values()) | ({self.mar.teacher} if self.mar.teacher else set())
+        return sorted(names)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key, file or field."""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        node, parts = raw, key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str, overrides: list[str] = (), cls=OPDConfig):
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"{p}: invalid configuration\n  " + "\n  ".join(lines)) from None

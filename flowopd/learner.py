@@ -1,0 +1,105 @@
+"""The OPD + MAR learner (pure torch): student LoRA, AdamW, micro-batched loss, optional DDP.
+
+Each rank scales its summed per-state loss by world/N_total, so DDP's gradient average equals the
+gradient of the mean loss over the whole (possibly unevenly split) batch.
+"""
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .flow import kl_weights, opd_loss, opd_pg_loss, sde_std, shifted_sigmas
+from .models import (
+    add_student_adapter,
+    as_tensor,
+    load_lora_state,
+    load_transformer,
+    lora_config,
+    lora_state,
+    resolve_device,
+    resolve_dtype,
+    velocity,
+)
+
+
+class OPDLearner:
+    def __init__(self, cfg, world_size: int = 1, device: str = "auto"):
+        self.cfg, self.world = cfg, world_size
+        self.device = resolve_device(device)
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.autocast = dtype if dtype != torch.float32 else None
+        s = cfg.student
+        base = load_transformer(cfg.model.base, dtype, self.device)
+        torch.manual_seed(cfg.seed)  # the same fresh LoRA init on every rank and in every run
+        self.model = add_student_adapter(base, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init),
+                                         s.init_adapter)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp = DDP(self.model) if world_size > 1 else None
+        lc = cfg.learner
+        self.opt = torch.optim.AdamW(self.params, lr=lc.lr, weight_decay=lc.weight_decay, betas=lc.betas)
+        sc = cfg.sampling
+        self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
+        self.std = sde_std(self.sigmas, sc.noise_level)
+        self.w = kl_weights(self.sigmas, sc.noise_level, exact=cfg.loss.kl_weighting == "exact")
+        self.w_exact = kl_weights(self.sigmas, sc.noise_level, exact=True)
+
+    def _per_state_loss(self, v, target, x, x_next, logp_old, j):
+        if self.cfg.loss.form == "analytic":
+            return opd_loss(v, target, self.w[j])
+        scale = self.w[j] / self.w_exact[j]
+        return scale * opd_pg_loss(v, target, x, x_next, logp_old, self.sigmas[j], self.sigmas[j + 1],
+                                   self.std[j], self.cfg.loss.clip_range)
+
+    def train_step(self, batch: dict, total_states: int) -> dict:
+        """One optimizer step on this rank's share of the states; returns per-state losses and grad norm."""
+        b = {k: as_tensor(v, self.device) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        n = b["x"].shape[0]
+        mb = self.cfg.learner.micro_batch_size
+        chunks = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
+        model = self.ddp or self.model
+        guidance = self.cfg.sampling.guidance if self.cfg.loss.train_cfg else 1.0
+        lam = self.cfg.mar.weight if self.cfg.mar.teacher else 0.0
+        task_losses, mar_losses = [], []
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        for ci, sl in enumerate(chunks):
+            sync = ci == len(chunks) - 1 or self.ddp is None
+            with (nullcontext() if sync else self.ddp.no_sync()):
+                j = b["step_idx"][sl].long().cpu()
+                pi = b["prompt_idx"][sl].long()
+                v = velocity(model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
+                             b["neg_embeds"], b["neg_pooled"], guidance, self.autocast)
+                args = (b["x"][sl], b["x_next"][sl], b["logp_old"][sl], j)
+                task = self._per_state_loss(v, b["v_task"][sl], *args)
+                loss = task.sum()
+                if lam > 0:
+                    mar = self._per_state_loss(v, b["v_mar"][sl], *args)
+                    loss = loss + lam * mar.sum()
+                    mar_losses.append(mar.detach().cpu())
+                task_losses.append(task.detach().cpu())
+                (loss * self.world / total_states).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
+        self.opt.step()
+        self.model.eval()
+        return {"task_loss": torch.cat(task_losses).numpy(),
+                "mar_loss": torch.cat(mar_losses).numpy() if mar_losses else None,
+                "grad_norm": float(grad_norm)}
+
+    def lora_state(self) -> dict:
+        return {k: v.numpy() for k, v in lora_state(self.model).items()}
+
+    def load_lora_state(self, state: dict) -> None:
+        load_lora_state(self.model, state)
+
+    def optimizer_state(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state)
+
+    def save_adapter(self, path: str) -> None:
+        self.model.save_pretrained(path)

@@ -1,0 +1,205 @@
+"""SD3-family models via diffusers and LoRA via peft: loading, the tiny random builder, velocity calls.
+
+Teachers and learners need only the transformer (text embeddings travel with the rollout); rollout
+workers also load the text encoders. Everything loads from local directories only.
+"""
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+STUDENT = "default"  # peft saves the "default" adapter as a plain adapter directory
+
+
+def quiet_libraries() -> None:
+    """Silence per-call progress bars and tokenizer chatter in long-lived actors."""
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def as_tensor(a, device=None) -> torch.Tensor:
+    """torch view of an array (read-only arrays from Ray's object store are copied first)."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        a = a.copy()
+    return torch.as_tensor(a, device=device)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        ("cpu" if device == "auto" else device))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless asked otherwise."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, layers: int = 2, heads: int = 2,
+                        head_dim: int = 16, text_dim: int = 32) -> StableDiffusion3Pipeline:
+    """A random-init SD3 pipeline of the real classes, with in-memory tokenizers; runs offline on CPU.
+
+    sample_size is the latent side; the VAE halves the pixel side once (8 latents -> 16 px).
+    """
+    torch.manual_seed(seed)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    t5_vocab += [("\u2581" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars]
+    t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+    clip_cfg = {"hidden_size": text_dim, "intermediate_size": 2 * text_dim, "num_attention_heads": 2,
+                    "num_hidden_layers": 2, "vocab_size": len(vocab), "max_position_embeddings": 77,
+                    "projection_dim": text_dim, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    t5_cfg = T5Config(vocab_size=len(t5_vocab), d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2,
+                      num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    inner = heads * head_dim
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
+        caption_projection_dim=inner, pooled_projection_dim=2 * text_dim, pos_embed_max_size=4 * sample_size)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=2 * sample_size,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)), tokenizer=clip_tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)), tokenizer_2=clip_tok,
+        text_encoder_3=T5EncoderModel(t5_cfg), tokenizer_3=t5_tok)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> StableDiffusion3Pipeline:
+    return StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+
+
+def load_transformer(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SD3Transformer2DModel:
+    """The transformer of a diffusers pipeline directory, or a bare transformer directory."""
+    sub = "transformer" if (Path(path) / "transformer" / "config.json").exists() else None
+    model = SD3Transformer2DModel.from_pretrained(path, subfolder=sub, dtype=dtype, local_files_only=True)
+    return model.to(device).requires_grad_(False).eval()
+
+
+def transformer_config(path: str) -> dict:
+    sub = Path(path) / "transformer" / "config.json"
+    return json.loads((sub if sub.exists() else Path(path) / "config.json").read_text())
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], max_sequence_length: int):
+    """(prompt_embeds, pooled) as fp32 CPU tensors, one row per prompt."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=max_sequence_length)
+    return embeds.float().cpu(), pooled.float().cpu()
+
+
+def lora_config(rank: int, alpha: float, targets=None, init="gaussian") -> LoraConfig:
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or LORA_TARGETS),
+                      init_lora_weights=init)
+
+
+def add_student_adapter(transformer, config: LoraConfig, init_from: str | None = None) -> PeftModel:
+    """Base + trainable LoRA named 'student' (fresh, or initialised from a peft adapter directory)."""
+    if init_from:
+        return PeftModel.from_pretrained(transformer, init_from, adapter_name=STUDENT, is_trainable=True)
+    return get_peft_model(transformer, config, adapter_name=STUDENT)
+
+
+def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The student's LoRA weights (the payload of a weight sync), detached fp32 CPU copies."""
+    return {k: v.detach().float().cpu().clone()
+            for k, v in get_peft_model_state_dict(model, adapter_name=STUDENT).items()}
+
+
+def load_lora_state(model: PeftModel, state: dict) -> None:
+    result = set_peft_model_state_dict(model, {k: as_tensor(v) for k, v in state.items()},
+                                       adapter_name=STUDENT)
+    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if bad:
+        raise ValueError(f"weight sync carries keys the student does not have: {bad[:3]}")
+
+
+def velocity(model, latents, sigma, embeds, pooled, neg_embeds=None, neg_pooled=None, guidance=1.0,
+             autocast_dtype=None):
+    """Model velocity at (latents, sigma) with classifier-free guidance in one batched forward."""
+    from .flow import cfg_velocity
+    use_cfg = guidance != 1.0 and neg_embeds is not None
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
+    x, t, e, p = latents, sigma * 1000, embeds, pooled
+    if use_cfg:
+        x, t = torch.cat([x, x]), torch.cat([t, t])
+        e, p = torch.cat([neg_embeds.expand_as(embeds), e]), torch.cat([neg_pooled.expand_as(pooled), p])
+    dtype = next(model.parameters()).dtype
+    ctx = (torch.autocast(latents.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext())
+    with ctx:
+        out = model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=e.to(dtype),
+                    pooled_projections=p.to(dtype), return_dict=False)[0].float()
+    if use_cfg:
+        v_u, v_c = out.chunk(2)
+        return cfg_velocity(v_c, v_u, guidance)
+    return out
+
+
+def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:
+    """Fail fast, naming the path, when a peft adapter directory is missing, malformed or the wrong shape."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"adapter directory {d} does not exist")
+    cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise ValueError(f"{d} is not a peft adapter directory (needs adapter_config.json and "
+                         f"adapter_model.safetensors)")
+    peft_type = json.loads(cfg_file.read_text()).get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type is {peft_type!r}, only LORA adapters are supported")
+    with torch.device("meta"):
+        base = SD3Transformer2DModel.from_config(transformer_config(base_dir))
+    modules = dict(base.named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f:
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.removeprefix("base_model.model.").split(".lora_")[0]
+            mod = modules.get(name)
+            if mod is None or not hasattr(mod, "in_features"):
+                raise ValueError(f"{weights}: {key} targets {name!r}, which the base model {base_dir} lacks")
+            shape = tuple(f.get_slice(key).get_shape())
+            fits = shape[1] == mod.in_features if ".lora_A." in key else shape[0] == mod.out_features
+            if not fits:
+                raise ValueError(f"{weights}: {key} has shape {shape}, which does not fit {name} "
+                                 f"({mod.in_features}->{mod.out_features}) of the base model {base_dir}")
+
+
+def save_tiny_model(path: str, seed: int = 0, **kw) -> str:
+    os.makedirs(path, exist_ok=True)
+    build_tiny_pipeline(seed, **kw).save_pretrained(path)
+    return path

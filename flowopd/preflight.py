@@ -1,0 +1,59 @@
+"""Checks that run before any actor starts: files, adapters, routes, data. Each error names its key."""
+from pathlib import Path
+
+from .config import ConfigError, OPDConfig
+from .data import DataError, PromptRecord, read_source
+from .models import check_adapter_fits, transformer_config
+
+
+def preflight(cfg: OPDConfig) -> list[list[PromptRecord]]:
+    """Validate everything that can be checked without a cluster; returns the prompt records per source."""
+    base = Path(cfg.model.base)
+    if not base.exists():
+        raise ConfigError(f"model.base: {base} does not exist")
+    try:
+        tcfg = transformer_config(str(base))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.base: {base} is not a diffusers SD3 directory ({e})") from None
+    if cfg.student.init_adapter:
+        _adapter("student.init_adapter", cfg.student.init_adapter, base)
+    for name in cfg.used_teachers():
+        t = cfg.teachers[name]
+        if t.adapter:
+            _adapter(f"teachers.{name}.adapter", t.adapter, base)
+        elif t.transformer:
+            p = Path(t.transformer)
+            try:
+                other = transformer_config(str(p))
+            except OSError:
+                raise ConfigError(f"teachers.{name}.transformer: {p} holds no transformer config.json") from None
+            keys = ("in_channels", "num_layers", "patch_size", "joint_attention_dim", "pooled_projection_dim")
+            diff = [k for k in keys if other.get(k) != tcfg.get(k)]
+            if diff:
+                raise ConfigError(f"teachers.{name}.transformer: {p} differs from the base model in {diff}: "
+                                  f"OPD needs teachers of the student's architecture")
+    sources = []
+    for i, src in enumerate(cfg.data.sources):
+        try:
+            records = read_source(src.path, src.format, src.task)
+        except DataError as e:
+            raise ConfigError(f"data.sources[{i}]: {e}") from None
+        for r in records:
+            if r.task not in cfg.route:
+                raise ConfigError(f"data.sources[{i}] ({src.path}): task {r.task!r} of prompt {r.prompt!r} has "
+                                  f"no entry under `route` (routed tasks: {sorted(cfg.route)})")
+        sources.append(records)
+    sc = cfg.sampling
+    states = cfg.data.prompts_per_step * cfg.data.group_size * max(1, int(sc.num_steps * sc.train_timestep_fraction))
+    if states < cfg.learner.ranks:
+        raise ConfigError(f"learner.ranks: {cfg.learner.ranks} ranks but only {states} states per step")
+    if cfg.loss.form == "policy_gradient" and sc.noise_level == 0:
+        raise ConfigError("loss.form: policy_gradient needs sampling.noise_level > 0 (ODE rollouts have no log-prob)")
+    return sources
+
+
+def _adapter(key: str, path: str, base: Path) -> None:
+    try:
+        check_adapter_fits(path, str(base))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {e}") from None

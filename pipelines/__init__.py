@@ -1,0 +1,1 @@
+"""Jobs users submit: `python -m pipelines.<name> --config <yaml> [key=value ...]`."""

@@ -1,0 +1,63 @@
+"""Configuration and pre-flight errors name the offending key, file or prompt before any actor starts."""
+import pytest
+import yaml
+
+from flowopd.config import ConfigError, OPDConfig, load_config
+from flowopd.preflight import preflight
+from tests.conftest import tiny_config_dict
+
+
+def _check(tiny_assets, tmp_path, match, **changes):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_assets, tmp_path / "out", **changes)))
+    with pytest.raises(ConfigError, match=match):
+        preflight(load_config(str(path)))
+
+
+def test_shipped_configs_validate():
+    for name in ("tiny_opd.yaml", "sd35m_opd.yaml"):
+        cfg = load_config(f"configs/{name}")
+        assert cfg.route and cfg.mar.teacher
+
+
+def test_overrides(tiny_assets, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_assets, tmp_path / "out")))
+    cfg = load_config(str(path), ["train.steps=7", "mar.weight=0.04", "learner.betas=[0.8, 0.9]"])
+    assert cfg.train.steps == 7 and cfg.mar.weight == 0.04 and cfg.learner.betas == (0.8, 0.9)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(str(path), ["train.steps"])
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(str(path), ["train.stepz=3"])
+
+
+def test_bad_references(tiny_assets, tmp_path):
+    _check(tiny_assets, tmp_path, r"route\.ocr: teacher 'nobody' is not defined", **{"route.ocr": "nobody"})
+    _check(tiny_assets, tmp_path, r"mar\.teacher", **{"mar.teacher": "ghost"})
+    _check(tiny_assets, tmp_path, r"pools? 'gpu' is not defined",
+           **{"teachers.anchor": {"adapter": str(tiny_assets / "teachers" / "anchor"), "pool": "gpu"}})
+
+
+def test_unrouted_task_names_the_prompt(tiny_assets, tmp_path):
+    _check(tiny_assets, tmp_path, r"task 'ocr' of prompt 'a sign that says \"open\"' has no entry under `route`",
+           route={"geneval": "geneval_teacher"})
+
+
+def test_bad_adapters_and_data(tiny_assets, tmp_path):
+    _check(tiny_assets, tmp_path, r"teachers\.ocr_teacher\.adapter: .*does not exist",
+           **{"teachers.ocr_teacher": {"adapter": str(tmp_path / "nope")}})
+    (tmp_path / "notpeft").mkdir()
+    (tmp_path / "notpeft" / "weights.bin").write_text("x")
+    _check(tiny_assets, tmp_path, r"teachers\.ocr_teacher\.adapter: .*not a peft adapter",
+           **{"teachers.ocr_teacher": {"adapter": str(tmp_path / "notpeft")}})
+    (tmp_path / "empty.txt").write_text("")
+    _check(tiny_assets, tmp_path, r"data\.sources\[0\].*holds no prompts",
+           **{"data.sources": [{"path": str(tmp_path / "empty.txt"), "format": "txt", "task": "ocr"}]})
+    _check(tiny_assets, tmp_path, r"model\.base", **{"model.base": str(tmp_path / "nobase")})
+
+
+def test_teacher_source_is_exclusive():
+    with pytest.raises(ValueError, match="either `adapter` or `transformer`"):
+        OPDConfig.model_validate({"output_dir": "x", "model": {"base": "b"},
+                                  "teachers": {"t": {"adapter": "a", "transformer": "b"}}, "route": {"k": "t"},
+                                  "data": {"sources": [{"path": "p", "format": "txt", "task": "k"}]}})

@@ -1,0 +1,74 @@
+"""Tiny SD3 models, peft teachers on one shared base, full-checkpoint teachers and adapter checks."""
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from actors.teacher import TeacherServer
+from flowopd.models import (
+    build_tiny_pipeline,
+    check_adapter_fits,
+    encode_prompts,
+    load_pipeline,
+    load_transformer,
+    velocity,
+)
+from flowopd.tiny import make_random_adapter
+
+
+def _inputs(assets, n=3):
+    pipe = load_pipeline(str(assets / "base"))
+    e, p = encode_prompts(pipe, ["a red cube", 'a sign "ab"', "a cat"][:n], 16)
+    ne, npool = encode_prompts(pipe, [""], 16)
+    x = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return x, e, p, ne, npool
+
+
+def test_saved_tiny_model_reloads_identically(tmp_path):
+    pipe = build_tiny_pipeline(seed=5)
+    pipe.save_pretrained(tmp_path)
+    again = load_pipeline(str(tmp_path))
+    e, p = encode_prompts(pipe, ["a red cube"], 16)
+    e2, p2 = encode_prompts(again, ["a red cube"], 16)
+    assert torch.equal(e, e2) and torch.equal(p, p2)
+    x = torch.randn(1, 4, 8, 8)
+    assert torch.equal(velocity(pipe.transformer, x, 0.5, e, p), velocity(load_transformer(str(tmp_path)), x, 0.5, e, p))
+
+
+def test_teacher_server_hosts_adapters_base_and_full_checkpoints(tiny_assets, tmp_path):
+    x, e, p, ne, npool = _inputs(tiny_assets)
+    base_dir = str(tiny_assets / "base")
+    full = PeftModel.from_pretrained(load_transformer(base_dir), str(tiny_assets / "teachers" / "ocr_teacher"))
+    full.merge_and_unload().save_pretrained(tmp_path / "ocr_full")
+    server = TeacherServer(base_dir, {
+        "geneval_teacher": {"adapter": str(tiny_assets / "teachers" / "geneval_teacher")},
+        "ocr_teacher": {"adapter": str(tiny_assets / "teachers" / "ocr_teacher")},
+        "base": {}, "ocr_full": {"transformer": str(tmp_path / "ocr_full")}}, batch_size=2)
+    text = {"embeds": e.numpy(), "pooled": p.numpy(), "neg_embeds": ne.numpy(), "neg_pooled": npool.numpy()}
+    sigma, pidx = np.full(3, 0.6, np.float32), np.arange(3)
+    got = {t: server.velocity(t, x.numpy(), sigma, pidx, text, 4.5) for t in
+           ("geneval_teacher", "ocr_teacher", "base", "ocr_full", "geneval_teacher")}
+    for name in ("geneval_teacher", "ocr_teacher"):
+        ref = PeftModel.from_pretrained(load_transformer(base_dir), str(tiny_assets / "teachers" / name))
+        want = velocity(ref, x, 0.6, e, p, ne, npool, 4.5).numpy()
+        np.testing.assert_allclose(got[name], want, atol=1e-5)
+    np.testing.assert_allclose(got["base"], velocity(load_transformer(base_dir), x, 0.6, e, p, ne, npool, 4.5),
+                               atol=1e-5)
+    np.testing.assert_allclose(got["ocr_full"], got["ocr_teacher"], atol=1e-4)
+    assert np.abs(got["geneval_teacher"] - got["ocr_teacher"]).mean() > 10 * np.abs(
+        got["ocr_full"] - got["ocr_teacher"]).mean()
+
+
+def test_adapter_checks_name_the_problem(tiny_assets, tmp_path):
+    base = str(tiny_assets / "base")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_adapter_fits(str(tmp_path / "missing"), base)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a peft adapter directory"):
+        check_adapter_fits(str(tmp_path / "empty"), base)
+    other = tmp_path / "other_base"
+    build_tiny_pipeline(head_dim=8).save_pretrained(other)
+    make_random_adapter(str(other), tmp_path / "wrong_shape", seed=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        check_adapter_fits(str(tmp_path / "wrong_shape"), base)
+    check_adapter_fits(str(tiny_assets / "teachers" / "anchor"), base)

@@ -1,0 +1,213 @@
+"""Flow-OPD on a real local Ray cluster: routing, fault tolerance, NaN targets, DDP equivalence,
+end-to-end distillation and bit-identical resume."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from actors.learner import LearnerGroup
+from actors.opd_trainer import OPDTrainer
+from actors.resources import check_cluster_resources
+from flowopd.checkpoint import CheckpointManager
+from flowopd.config import ConfigError, OPDConfig
+from flowopd.flow import shifted_sigmas
+from flowopd.learner import OPDLearner
+from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
+from flowopd.preflight import preflight
+from flowopd.tiny import GENEVAL, OCR
+from pipelines.opd import init_ray
+from tests.conftest import tiny_config_dict
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def _trainer(cfg):
+    return OPDTrainer(cfg, preflight(cfg))
+
+
+def _model(assets, adapter=None):
+    base = load_transformer(str(assets / "base"))
+    return PeftModel.from_pretrained(base, str(adapter)) if adapter else base
+
+
+def test_routing_labels_each_state_with_its_teacher_and_mar(make_config, tiny_assets):
+    cfg = make_config(**{"rollout.workers": 1, "learner.ranks": 1, "pools.default.replicas": 2,
+                         "pools.default.batch_size": 16, "teachers.anchor": {"guidance": 1.0}})  # MAR = frozen base
+    tr = _trainer(cfg)
+    try:
+        prompts = [GENEVAL[0][1], OCR[0], GENEVAL[1][1], OCR[1]]
+        tasks = ["geneval", "ocr", "geneval", "ocr"]
+        ro = ray.get(tr.workers[0].rollout.remote(1, 0, tr.lora, prompts, [0, 1, 2, 3]))
+        v_task, v_mar, _teacher_idx, jobs = tr.label(ro, tasks)
+        assert jobs == 2 * 2 + 2  # one call per (teacher, replica), plus MAR over both replicas
+        assert len(ro["x"]) == 4 * 4 * 9
+        sigmas = shifted_sigmas(10, 3.0)
+        teachers = {n: _model(tiny_assets, tiny_assets / "teachers" / n) for n in ("geneval_teacher", "ocr_teacher")}
+        base = _model(tiny_assets)
+        x = torch.tensor(ro["x"])
+        pi = torch.as_tensor(ro["prompt_idx"])
+        args = (sigmas[ro["step_idx"]], torch.as_tensor(ro["embeds"])[pi], torch.as_tensor(ro["pooled"])[pi],
+                torch.as_tensor(ro["neg_embeds"]), torch.as_tensor(ro["neg_pooled"]), 4.5)
+        with torch.no_grad():
+            want = {n: velocity(m, x, *args).numpy() for n, m in teachers.items()}
+            want_mar = velocity(base, x, *args[:-1], 1.0).numpy()
+        routed = np.asarray([{"geneval": "geneval_teacher", "ocr": "ocr_teacher"}[tasks[p]] for p in ro["prompt_idx"]])
+        for name in teachers:
+            mine, other = routed == name, routed != name
+            np.testing.assert_allclose(v_task[mine], want[name][mine], atol=1e-4)
+            assert np.abs(v_task[other] - want[name][other]).reshape(other.sum(), -1).max(1).min() > 1e-2
+        np.testing.assert_allclose(v_mar, want_mar, atol=1e-4)
+
+        # a teacher replica that dies is restarted and its query retried
+        pid = ray.get(tr.pools.replicas["default"][0].ping.remote())
+        ray.kill(tr.pools.replicas["default"][0], no_restart=False)
+        v_task2, _, _, _ = tr.label(ro, tasks)
+        np.testing.assert_allclose(v_task2, v_task, atol=1e-5)
+        assert ray.get(tr.pools.replicas["default"][0].ping.remote()) != pid
+    finally:
+        tr.shutdown()
+
+
+def test_nan_targets_are_skipped_and_counted(make_config, tiny_assets, tmp_path):
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(tiny_assets / "teachers" / "ocr_teacher", poisoned)
+    weights = load_file(str(poisoned / "adapter_model.safetensors"))
+    weights = {k: (torch.full_like(v, float("nan")) if "lora_B" in k else v) for k, v in weights.items()}
+    save_file(weights, str(poisoned / "adapter_model.safetensors"))
+    cfg = make_config(**{"teachers.ocr_teacher": {"adapter": str(poisoned)}, "train.steps": 2,
+                         "data.prompts_per_step": 6})
+    tr = _trainer(cfg)
+    try:
+        hist = tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    for m in hist:  # every OCR state (4 samples x 9 steps per prompt) is dropped, never applied
+        assert m["nonfinite_targets"] > 0 and m["nonfinite_targets"] % (4 * 9) == 0
+        assert "ocr" not in m.get("loss_per_task", {})
+    assert all(np.isfinite(v).all() for v in tr.lora.values())
+
+
+def test_ddp_ranks_match_single_process(make_config):
+    cfg = make_config(**{"learner.micro_batch_size": 5, "learner.lr": 1e-2})
+    rng = np.random.default_rng(0)
+    n, p = 22, 3
+    pipe = load_pipeline(cfg.model.base)
+    e, pooled = encode_prompts(pipe, ["a red cube", "a blue ball", 'a sign "ok"'], 16)
+    ne, npool = encode_prompts(pipe, [""], 16)
+    batches = []
+    for _ in range(3):
+        batches.append({"x": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
+                        "x_next": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
+                        "logp_old": np.zeros(n, np.float32), "step_idx": rng.integers(0, 9, n),
+                        "prompt_idx": rng.integers(0, p, n),
+                        "v_task": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
+                        "v_mar": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
+                        "embeds": e.numpy(), "pooled": pooled.numpy(), "neg_embeds": ne.numpy(),
+                        "neg_pooled": npool.numpy()})
+    group = LearnerGroup(cfg)
+    try:
+        for b in batches:
+            group.train_step(b)
+        ranks = group.all_lora_states()
+    finally:
+        for r in group.ranks:
+            ray.kill(r)
+        ray.util.remove_placement_group(group.pg)
+    single = OPDLearner(cfg, world_size=1)
+    for b in batches:
+        single.train_step(b, n)
+    ref = single.lora_state()
+    moved = max(np.abs(ref[k]).max() for k in ref if "lora_B" in k)
+    assert moved > 1e-3
+    for k in ref:
+        assert np.array_equal(ranks[0][k], ranks[1][k]), k
+        np.testing.assert_allclose(ranks[0][k], ref[k], atol=2e-5, rtol=1e-4)
+
+
+def _velocity_gaps(assets, student_dir):
+    """Mean squared velocity gap between the student and each task teacher, on each task's prompts."""
+    pipe = load_pipeline(str(assets / "base"))
+    neg = encode_prompts(pipe, [""], 16)
+    student = _model(assets, student_dir) if student_dir else _model(assets)
+    teachers = {n: _model(assets, assets / "teachers" / n) for n in ("geneval_teacher", "ocr_teacher")}
+    gaps = {}
+    for task, prompts in (("geneval", [p for _, p in GENEVAL]), ("ocr", OCR)):
+        e, p = encode_prompts(pipe, prompts, 16)
+        x = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for s in (0.9, 0.5, 0.2):
+                vs = velocity(student, x, s, e, p, *neg, 4.5)
+                for name, t in teachers.items():
+                    gap = ((vs - velocity(t, x, s, e, p, *neg, 4.5)) ** 2).mean().item()
+                    gaps[(task, name)] = gaps.get((task, name), 0.0) + gap
+    return gaps
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    cfg = OPDConfig.model_validate(tiny_config_dict(tiny_assets, out, **{"train.steps": 16, "train.checkpoint_every": 4}))
+    tr = _trainer(cfg)
+    try:
+        hist = tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    return cfg, hist
+
+
+def test_end_to_end_student_moves_toward_routed_teachers(straight_run, tiny_assets):
+    cfg, hist = straight_run
+    assert len(hist) == 16 and all(m["policy_version"] == m["step"] - 1 for m in hist)
+    first = np.mean([m["loss"] for m in hist[:4]])
+    last = np.mean([m["loss"] for m in hist[-4:]])
+    assert last < 0.8 * first, (first, last)
+    m = hist[-1]
+    assert len(m["loss_per_step"]) == 9 and m["mar_loss"] > 0 and m["grad_norm"] > 0
+    assert set(m["time"]) == {"rollout", "label", "learn", "sync", "other", "total"}
+    before = _velocity_gaps(tiny_assets, None)
+    after = _velocity_gaps(tiny_assets, f"{cfg.output_dir}/checkpoints/step_00000016/student")
+    for task, mine, other in (("geneval", "geneval_teacher", "ocr_teacher"), ("ocr", "ocr_teacher", "geneval_teacher")):
+        gain_mine = 1 - after[(task, mine)] / before[(task, mine)]
+        gain_other = 1 - after[(task, other)] / before[(task, other)]
+        assert gain_mine > 0.3 and gain_mine > gain_other + 0.15, (task, gain_mine, gain_other)
+        assert after[(task, mine)] < after[(task, other)]
+
+
+def test_resume_is_bit_identical(straight_run, tiny_assets, tmp_path):
+    cfg, _ = straight_run
+    cfg_k = cfg.model_copy(update={"output_dir": str(tmp_path), "train": cfg.train.model_copy(update={"steps": 7})})
+    tr = _trainer(cfg_k)
+    try:
+        tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    tr = _trainer(cfg.model_copy(update={"output_dir": str(tmp_path)}))
+    try:
+        assert tr.resume() == 7
+        tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    a = CheckpointManager.load(Path(cfg.output_dir) / "checkpoints" / "step_00000016")
+    b = CheckpointManager.load(tmp_path / "checkpoints" / "step_00000016")
+    for k in a["lora"]:
+        assert np.array_equal(a["lora"][k], b["lora"][k]), k
+    assert a["trainer_state"]["sampler"] == b["trainer_state"]["sampler"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+
+
+def test_over_asking_gpus_is_refused(make_config):
+    cfg = make_config(**{"learner.num_gpus": 1})
+    with pytest.raises(ConfigError, match=r"asks for 2 GPU \(learner: 2\) but the cluster has 0"):
+        check_cluster_resources(cfg)
