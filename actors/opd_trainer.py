@@ -38,6 +38,7 @@ class OPDTrainer:
         ray.get([w.ping.remote() for w in self.workers])
         self.step_done = 0
         self.lora = self.learners.lora_state()
+        self._step_end = None  # so time spent between steps (logging, checkpoints) counts as "other"
 
     def resume(self) -> int:
         """Load the newest complete checkpoint, if any; returns the step it ended."""
@@ -146,10 +147,12 @@ class OPDTrainer:
             self.lora = self.learners.lora_state()
         t_sync = time.perf_counter()
         self.step_done = step
+        t_start = self._step_end or t0
+        self._step_end = t_sync
         queries = sum(len(ro["x"]) * (1 + (lab[1] is not None)) for _, ro, *lab in labelled)
         return self._metrics(step, version, results, batch, tasks, teachers, nonfinite, queries,
                              {"rollout": t_rollout - t0, "label": t_label - t_rollout, "learn": t_learn - t_label,
-                              "sync": t_sync - t_learn, "total": time.perf_counter() - t0})
+                              "sync": t_sync - t_learn, "total": t_sync - t_start})
 
     def _assemble(self, labelled, records):
         """Concatenate the workers' states, re-indexing prompts into one embedding table."""

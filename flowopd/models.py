@@ -56,12 +56,34 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, layers: int = 2, heads: int = 2,
-                        head_dim: int = 16, text_dim: int = 32) -> StableDiffusion3Pipeline:
-    """A random-init SD3 pipeline of the real classes, with in-memory tokenizers; runs offline on CPU.
+PRESETS = {
+    # CPU tests and demos: 8x8 latents (16 px), 2 layers.
+    "tiny": {"transformer": {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4,
+                             "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                             "joint_attention_dim": 32, "caption_projection_dim": 32,
+                             "pooled_projection_dim": 64, "pos_embed_max_size": 32},
+             "clip_dims": (32, 32), "t5_dim": 32, "text_layers": 2,
+             "vae": {"latent_channels": 4, "block_out_channels": (8, 16), "layers_per_block": 1,
+                     "norm_num_groups": 4}},
+    # The SD3.5-Medium MMDiT (2.24 B parameters) for GPU benchmarks; small random text encoders with the
+    # real output widths (CLIP-L 768 + CLIP-G 1280 pooled, T5 4096), which run once per prompt.
+    "sd35m": {"transformer": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+                              "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24,
+                              "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+                              "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+                              "dual_attention_layers": tuple(range(13))},
+              "clip_dims": (768, 1280), "t5_dim": 4096, "text_layers": 1,
+              "vae": {"latent_channels": 16, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+                      "norm_num_groups": 32}},
+}
 
-    sample_size is the latent side; the VAE halves the pixel side once (8 latents -> 16 px).
+
+def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_overrides) -> StableDiffusion3Pipeline:
+    """A random-init SD3 pipeline of the real classes with in-memory tokenizers; runs offline.
+
+    Presets: "tiny" (CPU; 16 px images) and "sd35m" (SD3.5-Medium-size transformer, for GPU benchmarks).
     """
+    spec = PRESETS[preset]
     torch.manual_seed(seed)
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -72,24 +94,30 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8, layers: int = 2, he
     t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     t5_vocab += [("\u2581" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars]
     t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
-    clip_cfg = {"hidden_size": text_dim, "intermediate_size": 2 * text_dim, "num_attention_heads": 2,
-                    "num_hidden_layers": 2, "vocab_size": len(vocab), "max_position_embeddings": 77,
-                    "projection_dim": text_dim, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
-    t5_cfg = T5Config(vocab_size=len(t5_vocab), d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2,
+    layers = spec["text_layers"]
+
+    def clip(dim):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=dim, intermediate_size=2 * dim, num_attention_heads=2, num_hidden_layers=layers,
+            vocab_size=len(vocab), max_position_embeddings=77, projection_dim=dim, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1))
+
+    t5_dim = spec["t5_dim"]
+    t5_cfg = T5Config(vocab_size=len(t5_vocab), d_model=t5_dim, d_kv=8, d_ff=2 * t5_dim, num_layers=layers,
                       num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    inner = heads * head_dim
-    transformer = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
-        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=text_dim,
-        caption_projection_dim=inner, pooled_projection_dim=2 * text_dim, pos_embed_max_size=4 * sample_size)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=2 * sample_size,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    tcfg = {**spec["transformer"], **transformer_overrides}
+    transformer = SD3Transformer2DModel(**tcfg)
+    v = spec["vae"]
+    n = len(v["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=v["latent_channels"],
+                        block_out_channels=v["block_out_channels"], down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=v["layers_per_block"],
+                        norm_num_groups=v["norm_num_groups"], sample_size=tcfg["sample_size"] * 2 ** (n - 1),
+                        shift_factor=0.0609, scaling_factor=1.5305)
+    c1, c2 = spec["clip_dims"]
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)), tokenizer=clip_tok,
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_cfg)), tokenizer_2=clip_tok,
+        text_encoder=clip(c1), tokenizer=clip_tok, text_encoder_2=clip(c2), tokenizer_2=clip_tok,
         text_encoder_3=T5EncoderModel(t5_cfg), tokenizer_3=t5_tok)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -185,7 +213,7 @@ def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:
         base = SD3Transformer2DModel.from_config(transformer_config(base_dir))
     modules = dict(base.named_modules())
     with safe_open(str(weights), "pt") as f:
-        for key in f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
             name = key.removeprefix("base_model.model.").split(".lora_")[0]
@@ -199,7 +227,7 @@ def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:
                                  f"({mod.in_features}->{mod.out_features}) of the base model {base_dir}")
 
 
-def save_tiny_model(path: str, seed: int = 0, **kw) -> str:
+def save_random_model(path: str, preset: str = "tiny", seed: int = 0, **kw) -> str:
     os.makedirs(path, exist_ok=True)
-    build_tiny_pipeline(seed, **kw).save_pretrained(path)
+    build_random_pipeline(preset, seed, **kw).save_pretrained(path)
     return path

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from .models import load_transformer, lora_config, save_tiny_model
+from .models import load_transformer, lora_config, save_random_model
 
 TEACHERS = {"geneval_teacher": 1, "ocr_teacher": 2, "anchor": 3}
 GENEVAL = [("counting", "three red cubes"), ("colors", "a blue ball"), ("position", "a cat left of a dog"),
@@ -29,6 +29,14 @@ def make_random_adapter(base: str, out: Path, seed: int, rank: int = 4, scale: f
     model.save_pretrained(str(out))
 
 
+def write_prompt_files(root: Path) -> None:
+    """geneval_train.jsonl (Flow-GRPO GenEval metadata) and ocr_train.txt (quoted target text)."""
+    with open(root / "geneval_train.jsonl", "w") as f:
+        f.writelines(json.dumps({"tag": tag, "include": [{"class": prompt.split()[-1], "count": 1}],
+                                "prompt": prompt}) + "\n" for tag, prompt in GENEVAL)
+    (root / "ocr_train.txt").write_text("\n".join(OCR) + "\n")
+
+
 def ensure_tiny_assets(root: str) -> Path:
     """Create (once) base/, teachers/<name>/ and prompts under root; return root."""
     root = Path(root)
@@ -37,7 +45,7 @@ def ensure_tiny_assets(root: str) -> Path:
         return root
     root.mkdir(parents=True, exist_ok=True)
     base = root / "base"
-    save_tiny_model(str(base))
+    save_random_model(str(base))
     for name, seed in TEACHERS.items():
         make_random_adapter(str(base), root / "teachers" / name, seed, scale=0.3 if name == "anchor" else 0.6)
     with open(root / "geneval_train.jsonl", "w") as f:

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

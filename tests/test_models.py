@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from actors.teacher import TeacherServer
 from flowopd.models import (
-    build_tiny_pipeline,
+    build_random_pipeline,
     check_adapter_fits,
     encode_prompts,
     load_pipeline,
@@ -25,7 +25,7 @@ def _inputs(assets, n=3):
 
 
 def test_saved_tiny_model_reloads_identically(tmp_path):
-    pipe = build_tiny_pipeline(seed=5)
+    pipe = build_random_pipeline("tiny", seed=5)
     pipe.save_pretrained(tmp_path)
     again = load_pipeline(str(tmp_path))
     e, p = encode_prompts(pipe, ["a red cube"], 16)
@@ -67,7 +67,7 @@ def test_adapter_checks_name_the_problem(tiny_assets, tmp_path):
     with pytest.raises(ValueError, match="not a peft adapter directory"):
         check_adapter_fits(str(tmp_path / "empty"), base)
     other = tmp_path / "other_base"
-    build_tiny_pipeline(head_dim=8).save_pretrained(other)
+    build_random_pipeline("tiny", attention_head_dim=8, caption_projection_dim=16).save_pretrained(other)
     make_random_adapter(str(other), tmp_path / "wrong_shape", seed=0)
     with pytest.raises(ValueError, match="does not fit"):
         check_adapter_fits(str(tmp_path / "wrong_shape"), base)
