@@ -9,10 +9,8 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flowopd.learner import OPDLearner
+from flowopd.learner import PER_STATE, OPDLearner
 from flowopd.models import quiet_libraries
-
-PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar")
 
 
 class LearnerRank:
@@ -75,7 +73,7 @@ class LearnerGroup:
         bounds = np.linspace(0, n, len(self.ranks) + 1).astype(int)
         refs = []
         for r, lo, hi in zip(self.ranks, bounds[:-1], bounds[1:]):
-            shard = {k: (v[lo:hi] if k in PER_STATE else v) for k, v in batch.items()}
+            shard = {k: (v[lo:hi] if k in PER_STATE and v is not None else v) for k, v in batch.items()}
             refs.append(r.train_step.remote(shard, n))
         return ray.get(refs)
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from flowopd.checkpoint import CheckpointManager
 from flowopd.data import MixtureSampler
+from flowopd.learner import PER_STATE
 from flowopd.models import lora_config
 
 from .learner import LearnerGroup
@@ -72,6 +73,7 @@ class OPDTrainer:
     def run(self, progress: bool = True) -> list[dict]:
         cfg = self.cfg
         history = []
+        self._truncate_metrics(self.step_done)  # lines past the last checkpoint belong to a lost run
         bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc="opd", disable=not progress)
         while self.step_done < cfg.train.steps:
             m = self.train_step()
@@ -131,13 +133,13 @@ class OPDTrainer:
         t_label = time.perf_counter()
         batch, tasks, teachers = self._assemble(labelled, records)
         finite = np.isfinite(batch["v_task"]).reshape(len(batch["x"]), -1).all(1)
-        if batch.get("v_mar") is not None:
+        if batch["v_mar"] is not None:
             finite &= np.isfinite(batch["v_mar"]).reshape(len(batch["x"]), -1).all(1)
         nonfinite = int((~finite).sum())
         if nonfinite:
             keep = np.nonzero(finite)[0]
-            for k in ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar"):
-                if batch.get(k) is not None:
+            for k in PER_STATE:
+                if batch[k] is not None:
                     batch[k] = batch[k][keep]
             tasks, teachers = tasks[keep], teachers[keep]
         n = len(batch["x"])
@@ -161,10 +163,9 @@ class OPDTrainer:
             parts.append(dict(ro, prompt_idx=ro["prompt_idx"] + offset, v_task=v_task, v_mar=v_mar,
                               teacher=teacher_idx, task=np.asarray([records[ids[p]].task for p in ro["prompt_idx"]])))
             offset += len(ids)
-        cat = lambda k: np.concatenate([p[k] for p in parts])
-        batch = {k: cat(k) for k in ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "embeds",
-                                     "pooled")}
-        batch["v_mar"] = cat("v_mar") if parts[0]["v_mar"] is not None else None
+        def cat(key):
+            return None if parts[0][key] is None else np.concatenate([p[key] for p in parts])
+        batch = {k: cat(k) for k in (*PER_STATE, "embeds", "pooled")}
         batch["neg_embeds"], batch["neg_pooled"] = parts[0]["neg_embeds"], parts[0]["neg_pooled"]
         return batch, cat("task"), cat("teacher")
 

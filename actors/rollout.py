@@ -61,9 +61,10 @@ class RolloutWorker:
                 self.sigmas, sc.noise_level, sc.guidance, self.latent_shape, gens, self.num_train_steps, autocast))
         x, x_next, logp = (torch.cat([o[k] for o in outs], dim=1) for k in range(3))
         J, B = x.shape[:2]
+        pg = cfg.loss.form == "policy_gradient"  # only the score-function loss needs x' and log-probs
         return {
-            "x": x.flatten(0, 1).cpu().numpy(), "x_next": x_next.flatten(0, 1).cpu().numpy(),
-            "logp_old": logp.flatten().cpu().numpy(),
+            "x": x.flatten(0, 1).cpu().numpy(), "x_next": x_next.flatten(0, 1).cpu().numpy() if pg else None,
+            "logp_old": logp.flatten().cpu().numpy() if pg else None,
             "step_idx": np.repeat(np.arange(J), B), "prompt_idx": np.tile(sample_prompt, J),
             "sigma": self.sigmas[np.repeat(np.arange(J), B)].numpy(),
             "embeds": embeds.numpy(), "pooled": pooled.numpy(),

@@ -22,7 +22,8 @@ class TeacherServer:
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.kind, self.full = {}, {}
-        self.base = load_transformer(base, self.dtype, self.device)
+        needs_base = any(not spec.get("transformer") for spec in teachers.values())
+        self.base = load_transformer(base, self.dtype, self.device) if needs_base else None
         self.peft = None
         for name, spec in teachers.items():
             if spec.get("adapter"):

@@ -22,6 +22,9 @@ from .models import (
     velocity,
 )
 
+# Batch entries with one row per state (the rest are per prompt or shared).
+PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar")
+
 
 class OPDLearner:
     def __init__(self, cfg, world_size: int = 1, device: str = "auto"):
@@ -73,7 +76,8 @@ class OPDLearner:
                 pi = b["prompt_idx"][sl].long()
                 v = velocity(model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
                              b["neg_embeds"], b["neg_pooled"], guidance, self.autocast)
-                args = (b["x"][sl], b["x_next"][sl], b["logp_old"][sl], j)
+                pg = self.cfg.loss.form == "policy_gradient"
+                args = (b["x"][sl], b["x_next"][sl] if pg else None, b["logp_old"][sl] if pg else None, j)
                 task = self._per_state_loss(v, b["v_task"][sl], *args)
                 loss = task.sum()
                 if lam > 0:

@@ -14,7 +14,8 @@ import sys
 import ray
 
 from actors.opd_trainer import OPDTrainer
-from actors.resources import check_cluster_resources
+from actors.resources import check_cluster_resources, requested_resources
+from flowopd.checkpoint import CheckpointManager
 from flowopd.config import ConfigError, load_config
 from flowopd.data import DataError
 from flowopd.preflight import preflight
@@ -25,13 +26,24 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                         "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     else:  # a private local instance on loopback
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env,
                  logging_level=logging.WARNING)
+
+
+def describe(cfg, sources) -> str:
+    """A short plan of the job: data, routing and what each actor group asks of the cluster."""
+    lines = [(f"data: {sum(len(s) for s in sources)} prompts from {len(sources)} sources; "
+             f"{cfg.data.prompts_per_step} prompts x {cfg.data.group_size} samples per step"),
+             "route: " + ", ".join(f"{k} -> {v}" for k, v in cfg.route.items())
+             + (f"; MAR {cfg.mar.teacher} (lambda {cfg.mar.weight})" if cfg.mar.teacher else "; no MAR")]
+    lines += [f"{k}: " + ", ".join(f"{v:g} {r}" for r, v in asked.items() if v)
+              for k, asked in requested_resources(cfg).items()]
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
@@ -50,19 +62,20 @@ def main(argv=None) -> int:
         if cfg.tiny_assets:
             ensure_tiny_assets(cfg.tiny_assets)
         sources = preflight(cfg)
+        existing = CheckpointManager(f"{cfg.output_dir}/checkpoints").latest()
+        if existing is not None and not args.resume:
+            raise ConfigError(f"output_dir: {existing} already exists; pass --resume to continue that run or "
+                              f"choose another output_dir (nothing was changed)")
         init_ray(cfg.ray_address)
         check_cluster_resources(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(describe(cfg, sources), file=sys.stderr)
     trainer = OPDTrainer(cfg, sources)
     if args.resume:
         step = trainer.resume()
         print(f"resumed at step {step}" if step else "no checkpoint found; starting at step 0", file=sys.stderr)
-    elif trainer.ckpt.latest() is not None:
-        print(f"error: {trainer.ckpt.root} already holds checkpoints; pass --resume to continue or choose another "
-              f"output_dir", file=sys.stderr)
-        return 2
     history = trainer.run(progress=not args.no_progress)
     final = trainer.ckpt.latest()
     print(json.dumps({"final_checkpoint": str(final), "steps": trainer.step_done,

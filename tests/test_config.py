@@ -61,3 +61,23 @@ def test_teacher_source_is_exclusive():
         OPDConfig.model_validate({"output_dir": "x", "model": {"base": "b"},
                                   "teachers": {"t": {"adapter": "a", "transformer": "b"}}, "route": {"k": "t"},
                                   "data": {"sources": [{"path": "p", "format": "txt", "task": "k"}]}})
+
+
+def test_cli_refuses_to_overwrite_a_run_and_reports_bad_keys(tiny_assets, tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from flowopd.checkpoint import CheckpointManager
+    from flowopd.models import lora_config
+    from pipelines.opd import main
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_assets, tmp_path / "out")))
+    p = torch.nn.Parameter(torch.zeros(2))
+    saved = CheckpointManager(tmp_path / "out" / "checkpoints").save(
+        4, {"a.lora_A.weight": np.ones((2, 2), np.float32)}, lora_config(2, 2),
+        torch.optim.AdamW([p]).state_dict(), {})
+    assert main(["--config", str(path)]) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert CheckpointManager.load(saved)["trainer_state"]["step"] == 4
+    assert main(["--config", str(path), "--resume", "route.ocr=nobody"]) == 2
+    assert "route.ocr: teacher 'nobody'" in capsys.readouterr().err

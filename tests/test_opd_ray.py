@@ -16,7 +16,7 @@ from actors.opd_trainer import OPDTrainer
 from actors.resources import check_cluster_resources
 from flowopd.checkpoint import CheckpointManager
 from flowopd.config import ConfigError, OPDConfig
-from flowopd.flow import shifted_sigmas
+from flowopd.flow import sde_std, sde_step, shifted_sigmas
 from flowopd.learner import OPDLearner
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
 from flowopd.preflight import preflight
@@ -98,19 +98,26 @@ def test_nan_targets_are_skipped_and_counted(make_config, tiny_assets, tmp_path)
     assert all(np.isfinite(v).all() for v in tr.lora.values())
 
 
-def test_ddp_ranks_match_single_process(make_config):
-    cfg = make_config(**{"learner.micro_batch_size": 5, "learner.lr": 1e-2})
+@pytest.mark.parametrize("form", ["analytic", "policy_gradient"])
+def test_ddp_ranks_match_single_process(make_config, form):
+    cfg = make_config(**{"learner.micro_batch_size": 5, "learner.lr": 1e-2, "loss.form": form})
     rng = np.random.default_rng(0)
     n, p = 22, 3
     pipe = load_pipeline(cfg.model.base)
     e, pooled = encode_prompts(pipe, ["a red cube", "a blue ball", 'a sign "ok"'], 16)
     ne, npool = encode_prompts(pipe, [""], 16)
+    sig = shifted_sigmas(10, 3.0)
+    std = sde_std(sig, 0.7)
+    base = load_transformer(cfg.model.base)
     batches = []
     for _ in range(3):
-        batches.append({"x": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
-                        "x_next": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
-                        "logp_old": np.zeros(n, np.float32), "step_idx": rng.integers(0, 9, n),
-                        "prompt_idx": rng.integers(0, p, n),
+        x = torch.as_tensor(rng.standard_normal((n, 4, 8, 8), dtype=np.float32))
+        j, pi = torch.as_tensor(rng.integers(0, 9, n)), torch.as_tensor(rng.integers(0, p, n))
+        with torch.no_grad():  # x' sampled from the initial student (= base), as a rollout would
+            v = velocity(base, x, sig[j], e[pi], pooled[pi], ne, npool, 4.5)
+            x_next, _, logp = sde_step(x, v, sig[j], sig[j + 1], std[j])
+        batches.append({"x": x.numpy(), "x_next": x_next.numpy(), "logp_old": logp.numpy(),
+                        "step_idx": j.numpy(), "prompt_idx": pi.numpy(),
                         "v_task": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
                         "v_mar": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
                         "embeds": e.numpy(), "pooled": pooled.numpy(), "neg_embeds": ne.numpy(),
