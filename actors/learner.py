@@ -1,4 +1,4 @@
-"""The learner group: N ranks of OPDLearner joined by torch.distributed DDP (NCCL on GPU, gloo on CPU)."""
+"""The learner group: N ranks of Learner joined by torch.distributed DDP (NCCL on GPU, gloo on CPU)."""
 import os
 import socket
 
@@ -9,7 +9,7 @@ import torch.distributed as dist
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flowopd.learner import PER_STATE, OPDLearner
+from flowopd.learner import PER_STATE, Learner
 from flowopd.models import quiet_libraries
 
 
@@ -34,7 +34,7 @@ class LearnerRank:
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world)
-        self.learner = OPDLearner(self.cfg, self.world)
+        self.learner = Learner(self.cfg, self.world)
 
     def train_step(self, batch: dict, total_states: int) -> dict:
         return self.learner.train_step(batch, total_states)

@@ -5,6 +5,7 @@ import torch
 from flowopd.flow import shifted_sigmas
 from flowopd.models import (
     add_student_adapter,
+    decode_images,
     encode_prompts,
     load_lora_state,
     load_pipeline,
@@ -42,8 +43,10 @@ class RolloutWorker:
             self.version = version
         return self.version
 
-    def rollout(self, step: int, version: int, lora: dict, prompts: list[str], prompt_ids: list[int]) -> dict:
-        """G samples for each prompt; returns every trained state, flattened in (step j, sample) order."""
+    def rollout(self, step: int, version: int, lora: dict, prompts: list[str], prompt_ids: list[int],
+                decode: bool = False) -> dict:
+        """G samples for each prompt; returns every trained state, flattened in (step j, sample) order,
+        and with decode=True the final images (uint8, one per sample, for rewards)."""
         self.set_weights(version, lora)
         cfg, sc = self.cfg, self.cfg.sampling
         G, dev = cfg.data.group_size, self.device
@@ -61,15 +64,17 @@ class RolloutWorker:
                 self.sigmas, sc.noise_level, sc.guidance, self.latent_shape, gens, self.num_train_steps, autocast))
         x, x_next, logp = (torch.cat([o[k] for o in outs], dim=1) for k in range(3))
         J, B = x.shape[:2]
-        pg = cfg.loss.form == "policy_gradient"  # only the score-function loss needs x' and log-probs
+        pg = cfg.needs_transitions()  # only score-function losses need x' and log-probs
+        final = torch.cat([o[3] for o in outs])
         return {
             "x": x.flatten(0, 1).cpu().numpy(), "x_next": x_next.flatten(0, 1).cpu().numpy() if pg else None,
             "logp_old": logp.flatten().cpu().numpy() if pg else None,
             "step_idx": np.repeat(np.arange(J), B), "prompt_idx": np.tile(sample_prompt, J),
+            "sample_idx": np.tile(np.arange(B), J), "sample_prompt": sample_prompt,
             "sigma": self.sigmas[np.repeat(np.arange(J), B)].numpy(),
             "embeds": embeds.numpy(), "pooled": pooled.numpy(),
             "neg_embeds": self.neg[0].numpy(), "neg_pooled": self.neg[1].numpy(),
-            "final": torch.cat([o[3] for o in outs]).cpu().numpy(),
+            "images": decode_images(self.pipe, final) if decode else None,
             "version": self.version,
         }
 

@@ -1,19 +1,16 @@
 """Frozen teacher velocity servers and the pools that batch, spread and retry queries over replicas."""
 import itertools
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import ray
 import torch
-from peft import PeftModel
 
-from flowopd.models import as_tensor, load_transformer, quiet_libraries, resolve_device, resolve_dtype, velocity
+from flowopd.models import ModelBank, as_tensor, quiet_libraries, resolve_device, resolve_dtype, velocity
 
 
 class TeacherServer:
-    """Hosts several teachers on one frozen base: LoRA teachers as named peft adapters, the base itself
-    (adapter disabled), and full-checkpoint teachers as separate transformers."""
+    """Hosts several frozen teachers on one base (see ModelBank) and answers batched velocity queries."""
 
     def __init__(self, base: str, teachers: dict[str, dict], dtype: str = "auto", batch_size: int = 32,
                  device: str = "auto"):
@@ -21,49 +18,18 @@ class TeacherServer:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.kind, self.full = {}, {}
-        needs_base = any(not spec.get("transformer") for spec in teachers.values())
-        self.base = load_transformer(base, self.dtype, self.device) if needs_base else None
-        self.peft = None
-        for name, spec in teachers.items():
-            if spec.get("adapter"):
-                if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.base, spec["adapter"], adapter_name=name)
-                else:
-                    self.peft.load_adapter(spec["adapter"], adapter_name=name)
-                self.kind[name] = "adapter"
-            elif spec.get("transformer"):
-                self.full[name] = load_transformer(spec["transformer"], self.dtype, self.device)
-                self.kind[name] = "full"
-            else:
-                self.kind[name] = "base"
-        if self.peft is not None:
-            self.peft.requires_grad_(False).eval()
-
-    def _model(self, teacher: str):
-        kind = self.kind[teacher]
-        if kind == "full":
-            return self.full[teacher], None
-        if kind == "base" and self.peft is not None:
-            return self.peft, self.peft.disable_adapter
-        if kind == "adapter":
-            self.peft.set_adapter(teacher)
-            return self.peft, None
-        return self.base, None
+        self.bank = ModelBank(base, teachers, self.dtype, self.device)
 
     @torch.no_grad()
     def velocity(self, teacher: str, x: np.ndarray, sigma: np.ndarray, prompt_idx: np.ndarray,
                  text: dict, guidance: float) -> np.ndarray:
         """CFG velocities of `teacher` for a batch of states; text holds per-prompt embeddings."""
-        if teacher not in self.kind:
-            raise KeyError(f"teacher {teacher!r} is not hosted here (hosted: {sorted(self.kind)})")
-        model, ctx = self._model(teacher)
         dev = self.device
         embeds, pooled = as_tensor(text["embeds"]), as_tensor(text["pooled"])
         neg_e, neg_p = as_tensor(text["neg_embeds"], dev), as_tensor(text["neg_pooled"], dev)
         autocast = self.dtype if self.dtype != torch.float32 else None
         out = []
-        with (ctx() if ctx else nullcontext()):
+        with self.bank.use(teacher) as model:
             for i in range(0, len(x), self.batch_size):
                 sl = slice(i, i + self.batch_size)
                 pi = as_tensor(prompt_idx[sl]).long()

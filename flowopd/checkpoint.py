@@ -69,12 +69,16 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep = keep
 
-    def save(self, step: int, lora: dict, lora_cfg: LoraConfig, optimizer: dict, trainer_state: dict) -> Path:
+    def save(self, step: int, lora: dict, lora_cfg: LoraConfig, optimizer: dict, trainer_state: dict,
+             extra_adapters: dict | None = None) -> Path:
+        """extra_adapters: further LoRA states of the same shape (e.g. an EMA), saved as sibling adapters."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(tmp / "student", lora, lora_cfg)
+        for name, state in (extra_adapters or {}).items():
+            save_adapter(tmp / name, state, lora_cfg)
         tensors, meta = _flatten_optimizer(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json_atomic(tmp / "optimizer.json", meta)
@@ -110,8 +114,10 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: Path) -> dict:
-        lora = {k: v.numpy() for k, v in load_file(str(path / "student" / "adapter_model.safetensors")).items()}
+        adapters = {d.name: {k: v.numpy() for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
+                    for d in path.iterdir() if (d / "adapter_model.safetensors").exists()}
+        lora = adapters.pop("student")
         optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                          json.loads((path / "optimizer.json").read_text()))
-        return {"lora": lora, "optimizer": optimizer,
+        return {"lora": lora, "optimizer": optimizer, "extra": adapters,
                 "trainer_state": json.loads((path / STATE_FILE).read_text())}

@@ -79,6 +79,17 @@ class DataConfig(Strict):
     sources: list[DataSource] = Field(min_length=1)
     prompts_per_step: int = Field(2, gt=0)
     group_size: int = Field(24, gt=0)
+    # per_prompt: every prompt draws its source by weight; alternate: each step takes all its prompts from
+    # one source, cycling by integer weights (the paper's GRPO-Mix "epoch ratio", e.g. 3:1:1)
+    mixing: Literal["per_prompt", "alternate"] = "per_prompt"
+
+    @model_validator(mode="after")
+    def _alternate_weights(self):
+        if self.mixing == "alternate":
+            for i, src in enumerate(self.sources):
+                if src.weight != int(src.weight):
+                    raise ValueError(f"sources[{i}].weight: alternate mixing needs integer weights")
+        return self
 
 
 class RolloutConfig(Resources):
@@ -109,23 +120,34 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, gt=0)
 
 
-class OPDConfig(Strict):
+class JobConfig(Strict):
+    """What every training job has: a base model, a student LoRA, rollouts, a learner group, data."""
     seed: int = 0
     output_dir: str
     ray_address: str | None = None
     tiny_assets: str | None = None
     model: ModelConfig
     student: StudentConfig = StudentConfig()
-    teachers: dict[str, TeacherConfig] = Field(min_length=1)
-    route: dict[str, str] = Field(min_length=1)
-    mar: MarConfig = MarConfig()
-    pools: dict[str, PoolConfig] = {"default": PoolConfig()}
     sampling: SamplingConfig = SamplingConfig()
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
     learner: LearnerConfig = LearnerConfig()
-    loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
+
+    def needs_transitions(self) -> bool:
+        """Whether rollouts must return x' and log-probs (score-function losses)."""
+        return True
+
+
+class OPDConfig(JobConfig):
+    teachers: dict[str, TeacherConfig] = Field(min_length=1)
+    route: dict[str, str] = Field(min_length=1)
+    mar: MarConfig = MarConfig()
+    pools: dict[str, PoolConfig] = {"default": PoolConfig()}
+    loss: LossConfig = LossConfig()
+
+    def needs_transitions(self) -> bool:
+        return self.loss.form == "policy_gradient"
 
     @model_validator(mode="after")
     def _references(self):
@@ -147,6 +169,48 @@ class OPDConfig(Strict):
     def used_teachers(self) -> list[str]:
         names = set(self.route.values()) | ({self.mar.teacher} if self.mar.teacher else set())
         return sorted(names)
+
+
+class RewardSpec(Resources):
+    """A reward actor pool: `name` is a built-in, `module:Class`, `file.py:Class` or an entry point."""
+    name: str
+    label: str | None = None
+    kwargs: dict = {}
+    weight: float = 1.0
+    tasks: list[str] | None = None
+    replicas: int = Field(1, gt=0)
+    batch_size: int = Field(64, gt=0)
+    max_restarts: int = Field(3, ge=0)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+    def applies_to(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
+
+
+class GRPOSettings(Strict):
+    beta: float = Field(0.04, ge=0)
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip: float = Field(5.0, gt=0)
+    minibatches: int = Field(1, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_every: int = Field(8, gt=0)
+
+
+class GRPOConfig(JobConfig):
+    """Stage 1 (one reward: a teacher) or GRPO-Mix (several rewards, weighted sum or alternating data)."""
+    rewards: list[RewardSpec] = Field(min_length=1)
+    grpo: GRPOSettings = GRPOSettings()
+    export_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _unique_labels(self):
+        keys = [r.key for r in self.rewards]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"rewards: labels must be unique, got {keys} (set `label`)")
+        return self
 
 
 class ConfigError(ValueError):

@@ -110,30 +110,39 @@ class MixtureSampler:
     Its whole position is `state()` (JSON-safe), so a resumed job continues the same sequence.
     """
 
-    def __init__(self, sources: list[list[PromptRecord]], weights: list[float], seed: int):
+    def __init__(self, sources: list[list[PromptRecord]], weights: list[float], seed: int,
+                 mixing: str = "per_prompt"):
         if not sources or any(len(s) == 0 for s in sources):
             raise DataError("every data source must hold at least one prompt")
-        self.sources, self.seed = sources, seed
+        self.sources, self.seed, self.mixing = sources, seed, mixing
         self.probs = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.cycle = [i for i, w in enumerate(weights) for _ in range(int(w))]  # for alternate mixing
         self.rng = np.random.default_rng(seed)
         self.cursor = [[0, 0] for _ in sources]  # (epoch, position) per source
+        self.draws = 0
 
     def _perm(self, i: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, i, epoch]).permutation(len(self.sources[i]))
 
     def draw(self, n: int) -> list[PromptRecord]:
+        if self.mixing == "alternate":
+            picks = [self.cycle[self.draws % len(self.cycle)]] * n
+        else:
+            picks = self.rng.choice(len(self.sources), size=n, p=self.probs)
+        self.draws += 1
         out = []
-        for i in self.rng.choice(len(self.sources), size=n, p=self.probs):
+        for i in picks:
             epoch, pos = self.cursor[i]
             out.append(self.sources[i][self._perm(i, epoch)[pos]])
             self.cursor[i] = [epoch + 1, 0] if pos + 1 == len(self.sources[i]) else [epoch, pos + 1]
         return out
 
     def state(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "cursor": [list(c) for c in self.cursor]}
+        return {"rng": self.rng.bit_generator.state, "cursor": [list(c) for c in self.cursor], "draws": self.draws}
 
     def load_state(self, state: dict) -> None:
         if len(state["cursor"]) != len(self.sources):
             raise DataError("the checkpoint's sampler state has a different number of data sources")
         self.rng.bit_generator.state = state["rng"]
         self.cursor = [list(c) for c in state["cursor"]]
+        self.draws = state.get("draws", 0)

@@ -1,4 +1,4 @@
-"""The OPD + MAR learner (pure torch): student LoRA, AdamW, micro-batched loss, optional DDP.
+"""The learner (pure torch): student LoRA, AdamW, micro-batched OPD+MAR or Flow-GRPO loss, optional DDP.
 
 Each rank scales its summed per-state loss by world/N_total, so DDP's gradient average equals the
 gradient of the mean loss over the whole (possibly unevenly split) batch.
@@ -10,6 +10,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .flow import kl_weights, opd_loss, opd_pg_loss, sde_std, shifted_sigmas
+from .grpo import grpo_loss
 from .models import (
     add_student_adapter,
     as_tensor,
@@ -23,10 +24,10 @@ from .models import (
 )
 
 # Batch entries with one row per state (the rest are per prompt or shared).
-PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar")
+PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar", "adv")
 
 
-class OPDLearner:
+class Learner:
     def __init__(self, cfg, world_size: int = 1, device: str = "auto"):
         self.cfg, self.world = cfg, world_size
         self.device = resolve_device(device)
@@ -47,26 +48,50 @@ class OPDLearner:
         sc = cfg.sampling
         self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
         self.std = sde_std(self.sigmas, sc.noise_level)
-        self.w = kl_weights(self.sigmas, sc.noise_level, exact=cfg.loss.kl_weighting == "exact")
+        self.grpo = getattr(cfg, "grpo", None)
+        exact = self.grpo is not None or cfg.loss.kl_weighting == "exact"
+        self.w = kl_weights(self.sigmas, sc.noise_level, exact=exact)
         self.w_exact = kl_weights(self.sigmas, sc.noise_level, exact=True)
 
-    def _per_state_loss(self, v, target, x, x_next, logp_old, j):
+    def _opd_term(self, v, target, x, x_next, logp_old, j):
         if self.cfg.loss.form == "analytic":
             return opd_loss(v, target, self.w[j])
         scale = self.w[j] / self.w_exact[j]
         return scale * opd_pg_loss(v, target, x, x_next, logp_old, self.sigmas[j], self.sigmas[j + 1],
                                    self.std[j], self.cfg.loss.clip_range)
 
+    def _opd_chunk(self, v, b, sl, j) -> tuple[torch.Tensor, dict]:
+        pg = self.cfg.loss.form == "policy_gradient"
+        args = (b["x"][sl], b["x_next"][sl] if pg else None, b["logp_old"][sl] if pg else None, j)
+        task = self._opd_term(v, b["v_task"][sl], *args)
+        out, loss = {"task_loss": task}, task
+        lam = self.cfg.mar.weight if self.cfg.mar.teacher else 0.0
+        if lam > 0:
+            out["mar_loss"] = self._opd_term(v, b["v_mar"][sl], *args)
+            loss = loss + lam * out["mar_loss"]
+        return loss, out
+
+    def _grpo_chunk(self, v, b, sl, j, pi, guidance) -> tuple[torch.Tensor, dict]:
+        g = self.grpo
+        v_ref = None
+        if g.beta > 0:  # the reference policy is the same model with its adapter disabled
+            with torch.no_grad(), self.model.disable_adapter():
+                v_ref = velocity(self.model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
+                                 b["neg_embeds"], b["neg_pooled"], guidance, self.autocast)
+        loss, ratio, kl = grpo_loss(v, v_ref, b["x"][sl], b["x_next"][sl], b["logp_old"][sl], b["adv"][sl],
+                                    self.sigmas[j], self.sigmas[j + 1], self.std[j], g.clip_range, g.beta)
+        return loss, {"loss": loss, "ratio": ratio, "kl": kl}
+
     def train_step(self, batch: dict, total_states: int) -> dict:
-        """One optimizer step on this rank's share of the states; returns per-state losses and grad norm."""
+        """One optimizer step on this rank's share of the states; returns per-state terms and grad norm."""
         b = {k: as_tensor(v, self.device) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
         n = b["x"].shape[0]
         mb = self.cfg.learner.micro_batch_size
         chunks = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
         model = self.ddp or self.model
-        guidance = self.cfg.sampling.guidance if self.cfg.loss.train_cfg else 1.0
-        lam = self.cfg.mar.weight if self.cfg.mar.teacher else 0.0
-        task_losses, mar_losses = [], []
+        train_cfg = self.grpo is not None or self.cfg.loss.train_cfg
+        guidance = self.cfg.sampling.guidance if train_cfg else 1.0
+        terms: dict[str, list] = {}
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         for ci, sl in enumerate(chunks):
@@ -76,22 +101,15 @@ class OPDLearner:
                 pi = b["prompt_idx"][sl].long()
                 v = velocity(model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
                              b["neg_embeds"], b["neg_pooled"], guidance, self.autocast)
-                pg = self.cfg.loss.form == "policy_gradient"
-                args = (b["x"][sl], b["x_next"][sl] if pg else None, b["logp_old"][sl] if pg else None, j)
-                task = self._per_state_loss(v, b["v_task"][sl], *args)
-                loss = task.sum()
-                if lam > 0:
-                    mar = self._per_state_loss(v, b["v_mar"][sl], *args)
-                    loss = loss + lam * mar.sum()
-                    mar_losses.append(mar.detach().cpu())
-                task_losses.append(task.detach().cpu())
-                (loss * self.world / total_states).backward()
+                loss, out = (self._grpo_chunk(v, b, sl, j, pi, guidance) if self.grpo is not None
+                             else self._opd_chunk(v, b, sl, j))
+                for k, val in out.items():
+                    terms.setdefault(k, []).append(val.detach().float().cpu())
+                (loss.sum() * self.world / total_states).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
         self.opt.step()
         self.model.eval()
-        return {"task_loss": torch.cat(task_losses).numpy(),
-                "mar_loss": torch.cat(mar_losses).numpy() if mar_losses else None,
-                "grad_norm": float(grad_norm)}
+        return {**{k: torch.cat(v).numpy() for k, v in terms.items()}, "grad_norm": float(grad_norm)}
 
     def lora_state(self) -> dict:
         return {k: v.numpy() for k, v in lora_state(self.model).items()}

@@ -5,7 +5,7 @@ workers also load the text encoders. Everything loads from local directories onl
 """
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,60 @@ def velocity(model, latents, sigma, embeds, pooled, neg_embeds=None, neg_pooled=
         v_u, v_c = out.chunk(2)
         return cfg_velocity(v_c, v_u, guidance)
     return out
+
+
+class ModelBank:
+    """Several frozen models on one base: peft LoRA adapters by name, the base itself (adapter disabled)
+    and full transformer checkpoints. `use(name)` is a context manager yielding the module to call."""
+
+    def __init__(self, base: str, specs: dict[str, dict], dtype: torch.dtype, device: torch.device,
+                 base_module=None):
+        self.kind, self.full, self.peft = {}, {}, None
+        needs_base = any(not spec.get("transformer") for spec in specs.values())
+        self.base = base_module if base_module is not None else (
+            load_transformer(base, dtype, device) if needs_base else None)
+        for name, spec in specs.items():
+            if spec.get("adapter"):
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.base, spec["adapter"], adapter_name=name)
+                else:
+                    self.peft.load_adapter(spec["adapter"], adapter_name=name)
+                self.kind[name] = "adapter"
+            elif spec.get("transformer"):
+                self.full[name] = load_transformer(spec["transformer"], dtype, device)
+                self.kind[name] = "full"
+            else:
+                self.kind[name] = "base"
+        if self.peft is not None:
+            self.peft.requires_grad_(False).eval()
+
+    def names(self) -> list[str]:
+        return sorted(self.kind)
+
+    @contextmanager
+    def use(self, name: str):
+        if name not in self.kind:
+            raise KeyError(f"model {name!r} is not hosted here (hosted: {self.names()})")
+        kind = self.kind[name]
+        if kind == "full":
+            yield self.full[name]
+        elif kind == "adapter":
+            self.peft.set_adapter(name)
+            yield self.peft
+        elif self.peft is not None:
+            with self.peft.disable_adapter():
+                yield self.peft
+        else:
+            yield self.base
+
+
+@torch.no_grad()
+def decode_images(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 images (N, H, W, 3) through the pipeline's VAE."""
+    vae = pipe.vae
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    images = vae.decode(z, return_dict=False)[0].float()
+    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:

@@ -17,7 +17,7 @@ from actors.resources import check_cluster_resources
 from flowopd.checkpoint import CheckpointManager
 from flowopd.config import ConfigError, OPDConfig
 from flowopd.flow import sde_std, sde_step, shifted_sigmas
-from flowopd.learner import OPDLearner
+from flowopd.learner import Learner
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
 from flowopd.preflight import preflight
 from flowopd.tiny import GENEVAL, OCR
@@ -131,7 +131,7 @@ def test_ddp_ranks_match_single_process(make_config, form):
         for r in group.ranks:
             ray.kill(r)
         ray.util.remove_placement_group(group.pg)
-    single = OPDLearner(cfg, world_size=1)
+    single = Learner(cfg, world_size=1)
     for b in batches:
         single.train_step(b, n)
     ref = single.lora_state()

@@ -1,0 +1,167 @@
+"""What every training job's driver shares: actors, the on-policy rollout stream, checkpoints, metrics."""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from peft import LoraConfig
+from tqdm import tqdm
+
+from flowopd.checkpoint import CheckpointManager
+from flowopd.data import MixtureSampler
+from flowopd.learner import PER_STATE
+from flowopd.models import lora_config
+
+from .learner import LearnerGroup
+from .rollout import RolloutWorker
+
+
+class Trainer:
+    """Subclasses start their own services (teachers, rewards) and implement `train_step`."""
+
+    name = "train"
+    work_name = "label"
+
+    def __init__(self, cfg, sources: list[list]):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.sampler = MixtureSampler(sources, [s.weight for s in cfg.data.sources], cfg.seed, cfg.data.mixing)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.train.keep_checkpoints)
+        self.metrics_path = self.out / "metrics.jsonl"
+        s = cfg.student
+        self.lora_cfg = (LoraConfig.from_pretrained(s.init_adapter) if s.init_adapter
+                         else lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init))
+        rc = cfg.rollout
+        self.services = self.start_services()
+        self.workers = [ray.remote(RolloutWorker).options(
+            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, resources=rc.resources or None).remote(cfg)
+            for _ in range(rc.workers)]
+        self.learners = LearnerGroup(cfg)
+        ray.get([a.ping.remote() for a in self.services + self.workers])
+        self.step_done = 0
+        self.lora = self.learners.lora_state()
+        self._step_end = None
+
+    def start_services(self) -> list:
+        """Create the job's extra actors (each with a `ping` method); returns them."""
+        return []
+
+    def extra_adapters(self) -> dict:
+        """Further LoRA states to checkpoint beside the student (e.g. an EMA)."""
+        return {}
+
+    def load_extra_adapters(self, adapters: dict) -> None:
+        pass
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint, if any; returns the step it ended."""
+        path = self.ckpt.latest()
+        if path is None:
+            return 0
+        state = CheckpointManager.load(path)
+        self.learners.load_state(state["lora"], state["optimizer"])
+        self.sampler.load_state(state["trainer_state"]["sampler"])
+        self.load_extra_adapters(state["extra"])
+        self.step_done = state["trainer_state"]["step"]
+        self.lora = state["lora"]
+        self._truncate_metrics(self.step_done)
+        return self.step_done
+
+    def _truncate_metrics(self, step: int) -> None:
+        if self.metrics_path.exists():
+            keep = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def save(self) -> Path:
+        return self.ckpt.save(self.step_done, self.lora, self.lora_cfg, self.learners.optimizer_state(),
+                              {"sampler": self.sampler.state(), "seed": self.cfg.seed,
+                               "config": self.cfg.model_dump(mode="json")}, self.extra_adapters())
+
+    def shutdown(self) -> None:
+        """Release every actor and the learners' placement group (the cluster keeps running)."""
+        for actor in self.workers + self.learners.ranks + self.services:
+            ray.kill(actor)
+        ray.util.remove_placement_group(self.learners.pg)
+
+    def run(self, progress: bool = True) -> list[dict]:
+        cfg = self.cfg
+        history = []
+        self._truncate_metrics(self.step_done)  # lines past the last checkpoint belong to a lost run
+        bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=self.name, disable=not progress)
+        while self.step_done < cfg.train.steps:
+            m = self.train_step()
+            history.append(m)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if self.step_done % cfg.train.checkpoint_every == 0 or self.step_done == cfg.train.steps:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4g}", states_s=f"{m['states_per_s']:.1f}")
+        bar.close()
+        return history
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def rollouts(self, records, step: int, decode: bool = False):
+        """Start every worker on its share of the prompts with the current weights; yield (prompt ids,
+        rollout) as each finishes, so labelling or scoring overlaps the rollouts still running."""
+        version = self.step_done
+        lora_ref = ray.put(self.lora)
+        shards = np.array_split(np.arange(len(records)), len(self.workers))
+        pending = {w.rollout.remote(step, version, lora_ref, [records[i].prompt for i in ids], ids.tolist(),
+                                    decode): ids
+                   for w, ids in zip(self.workers, shards) if len(ids)}
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            ids = pending.pop(ref)
+            ro = ray.get(ref)
+            if ro["version"] != version:
+                raise RuntimeError(f"rollout used weights v{ro['version']}, expected v{version}")
+            if not pending:
+                self.t_rollout_done = time.perf_counter()
+            yield ids, ro
+
+    def learn(self, batch: dict) -> list[dict] | None:
+        """One synchronised learner step, then the weight sync; None when too few states are left."""
+        t = time.perf_counter()
+        results = None
+        if len(batch["x"]) >= len(self.learners.ranks):
+            results = self.learners.train_step(batch)
+        t_learn = time.perf_counter()
+        if results is not None:
+            self.lora = self.learners.lora_state()
+        self.learn_times = {"learn": t_learn - t, "sync": time.perf_counter() - t_learn}
+        return results
+
+    def timings(self, t0: float, t_work: float) -> dict:
+        """rollout / <work> (labelling or scoring) / learn / sync / other for the step begun at t0; time
+        between steps (logging, checkpoints) counts as other."""
+        now = time.perf_counter()
+        start, self._step_end = self._step_end or t0, now
+        t = {"rollout": self.t_rollout_done - t0, self.work_name: t_work - self.t_rollout_done,
+             **self.learn_times, "total": now - start}
+        t["other"] = t["total"] - sum(v for k, v in t.items() if k != "total")
+        return {k: round(v, 4) for k, v in t.items()}
+
+
+def select_states(batch: dict, keep: np.ndarray) -> dict:
+    """The batch restricted to the states in `keep` (per-prompt entries are left whole)."""
+    return {k: (v[keep] if k in PER_STATE and v is not None else v) for k, v in batch.items()}
+
+
+def concat_rollouts(parts: list[dict], extra: tuple[str, ...] = ()) -> dict:
+    """Concatenate rollouts from several workers, re-indexing prompts into one embedding table.
+    Each part carries `n_prompts`; `extra` names further per-state arrays to concatenate."""
+    offset, fixed = 0, []
+    for p in parts:
+        fixed.append(dict(p, prompt_idx=p["prompt_idx"] + offset))
+        offset += p["n_prompts"]
+
+    def cat(key):
+        return None if fixed[0].get(key) is None else np.concatenate([p[key] for p in fixed])
+    batch = {k: cat(k) for k in (*PER_STATE, *extra, "embeds", "pooled")}
+    batch["neg_embeds"], batch["neg_pooled"] = fixed[0]["neg_embeds"], fixed[0]["neg_pooled"]
+    return batch
