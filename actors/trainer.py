@@ -109,6 +109,7 @@ class Trainer:
         """Start every worker on its share of the prompts with the current weights; yield (prompt ids,
         rollout) as each finishes, so labelling or scoring overlaps the rollouts still running."""
         version = self.step_done
+        self.learn_times = {"learn": 0.0, "sync": 0.0}
         lora_ref = ray.put(self.lora)
         shards = np.array_split(np.arange(len(records)), len(self.workers))
         pending = {w.rollout.remote(step, version, lora_ref, [records[i].prompt for i in ids], ids.tolist(),
@@ -133,7 +134,8 @@ class Trainer:
         t_learn = time.perf_counter()
         if results is not None:
             self.lora = self.learners.lora_state()
-        self.learn_times = {"learn": t_learn - t, "sync": time.perf_counter() - t_learn}
+        self.learn_times["learn"] += t_learn - t
+        self.learn_times["sync"] += time.perf_counter() - t_learn
         return results
 
     def timings(self, t0: float, t_work: float) -> dict:

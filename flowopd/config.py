@@ -213,6 +213,39 @@ class GRPOConfig(JobConfig):
         return self
 
 
+class EvalModel(Strict):
+    """A model to evaluate: the base (no source), a peft adapter on it, or a full transformer checkpoint."""
+    adapter: str | None = None
+    transformer: str | None = None
+    guidance: float | None = None
+
+
+class EvalSampling(SamplingConfig):
+    num_steps: int = Field(40, gt=1)
+    noise_level: float = Field(0.0, ge=0)
+
+
+class EvalData(Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    max_prompts_per_source: int | None = Field(None, gt=0)
+
+
+class EvalConfig(Strict):
+    """Score models on held-out prompts with fixed seeds: every model sees the same noise per prompt."""
+    seed: int = 0
+    output_dir: str
+    ray_address: str | None = None
+    tiny_assets: str | None = None
+    model: ModelConfig
+    models: dict[str, EvalModel] = Field(min_length=1)
+    data: EvalData
+    samples_per_prompt: int = Field(4, gt=0)
+    sampling: EvalSampling = EvalSampling()
+    rewards: list[RewardSpec] = Field(min_length=1)
+    rollout: RolloutConfig = RolloutConfig()
+    grid_images: int = Field(16, gt=0)
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported with the offending key, file or field."""
 

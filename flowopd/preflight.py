@@ -1,12 +1,13 @@
 """Checks that run before any actor starts: files, adapters, routes, data. Each error names its key."""
+import inspect
 from pathlib import Path
 
-from .config import ConfigError, OPDConfig
+from .config import ConfigError, GRPOConfig, JobConfig
 from .data import DataError, PromptRecord, read_source
 from .models import check_adapter_fits, transformer_config
 
 
-def preflight(cfg: OPDConfig) -> list[list[PromptRecord]]:
+def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
     """Validate everything that can be checked without a cluster; returns the prompt records per source."""
     base = Path(cfg.model.base)
     if not base.exists():
@@ -17,6 +18,53 @@ def preflight(cfg: OPDConfig) -> list[list[PromptRecord]]:
         raise ConfigError(f"model.base: {base} is not a diffusers SD3 directory ({e})") from None
     if cfg.student.init_adapter:
         _adapter("student.init_adapter", cfg.student.init_adapter, base)
+    if isinstance(cfg, GRPOConfig):
+        check_reward_specs(cfg.rewards)
+    else:
+        _check_teachers(cfg, base, tcfg)
+    sources = []
+    for i, src in enumerate(cfg.data.sources):
+        try:
+            records = read_source(src.path, src.format, src.task)
+        except DataError as e:
+            raise ConfigError(f"data.sources[{i}]: {e}") from None
+        for r in records:
+            _check_task(cfg, i, src.path, r)
+        sources.append(records)
+    sc = cfg.sampling
+    states = cfg.data.prompts_per_step * cfg.data.group_size * max(1, int(sc.num_steps * sc.train_timestep_fraction))
+    if states < cfg.learner.ranks:
+        raise ConfigError(f"learner.ranks: {cfg.learner.ranks} ranks but only {states} states per step")
+    if cfg.needs_transitions() and sc.noise_level == 0:
+        raise ConfigError("sampling.noise_level: this loss needs SDE rollouts (noise_level > 0) for its log-probs")
+    return sources
+
+
+def _check_task(cfg, i: int, path: str, r: PromptRecord) -> None:
+    if isinstance(cfg, GRPOConfig):
+        if not any(spec.applies_to(r.task) for spec in cfg.rewards):
+            raise ConfigError(f"data.sources[{i}] ({path}): task {r.task!r} of prompt {r.prompt!r} has no reward "
+                              f"(set `tasks` of a reward under `rewards` to include it)")
+    elif r.task not in cfg.route:
+        raise ConfigError(f"data.sources[{i}] ({path}): task {r.task!r} of prompt {r.prompt!r} has "
+                          f"no entry under `route` (routed tasks: {sorted(cfg.route)})")
+
+
+def check_reward_specs(specs) -> None:
+    """Every reward resolves to a class that accepts its kwargs (nothing is instantiated here)."""
+    from rewards.registry import RewardError, load_reward_class
+    for i, spec in enumerate(specs):
+        try:
+            cls = load_reward_class(spec.name)
+        except RewardError as e:
+            raise ConfigError(f"rewards[{i}].name: {e}") from None
+        try:
+            inspect.signature(cls).bind(**spec.kwargs)
+        except TypeError as e:
+            raise ConfigError(f"rewards[{i}].kwargs: {e} (reward {spec.name!r})") from None
+
+
+def _check_teachers(cfg, base: Path, tcfg: dict) -> None:
     for name in cfg.used_teachers():
         t = cfg.teachers[name]
         if t.adapter:
@@ -32,24 +80,6 @@ def preflight(cfg: OPDConfig) -> list[list[PromptRecord]]:
             if diff:
                 raise ConfigError(f"teachers.{name}.transformer: {p} differs from the base model in {diff}: "
                                   f"OPD needs teachers of the student's architecture")
-    sources = []
-    for i, src in enumerate(cfg.data.sources):
-        try:
-            records = read_source(src.path, src.format, src.task)
-        except DataError as e:
-            raise ConfigError(f"data.sources[{i}]: {e}") from None
-        for r in records:
-            if r.task not in cfg.route:
-                raise ConfigError(f"data.sources[{i}] ({src.path}): task {r.task!r} of prompt {r.prompt!r} has "
-                                  f"no entry under `route` (routed tasks: {sorted(cfg.route)})")
-        sources.append(records)
-    sc = cfg.sampling
-    states = cfg.data.prompts_per_step * cfg.data.group_size * max(1, int(sc.num_steps * sc.train_timestep_fraction))
-    if states < cfg.learner.ranks:
-        raise ConfigError(f"learner.ranks: {cfg.learner.ranks} ranks but only {states} states per step")
-    if cfg.loss.form == "policy_gradient" and sc.noise_level == 0:
-        raise ConfigError("loss.form: policy_gradient needs sampling.noise_level > 0 (ODE rollouts have no log-prob)")
-    return sources
 
 
 def _adapter(key: str, path: str, base: Path) -> None:

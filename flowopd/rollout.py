@@ -38,4 +38,6 @@ def sample_trajectories(model, embeds, pooled, neg_embeds, neg_pooled, sigmas, n
             nexts.append(x_next)
             logps.append(logp)
         x = x_next
+    if not states:
+        return None, None, None, x
     return torch.stack(states), torch.stack(nexts), torch.stack(logps), x

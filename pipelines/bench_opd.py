@@ -21,7 +21,7 @@ from flowopd.config import OPDConfig, apply_overrides
 from flowopd.models import save_random_model
 from flowopd.preflight import preflight
 from flowopd.tiny import ensure_tiny_assets, make_random_adapter, write_prompt_files
-from pipelines.opd import init_ray
+from pipelines.launch import init_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("rollout", "label", "learn", "sync", "other")

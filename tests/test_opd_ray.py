@@ -21,7 +21,7 @@ from flowopd.learner import Learner
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
 from flowopd.preflight import preflight
 from flowopd.tiny import GENEVAL, OCR
-from pipelines.opd import init_ray
+from pipelines.launch import init_ray
 from tests.conftest import tiny_config_dict
 
 

@@ -1,0 +1,111 @@
+"""The Flow-GRPO step loop (stage 1 and GRPO-Mix): rollout -> reward actors -> group advantages -> DDP
+learn over the trained steps -> weight sync; optional EMA of the LoRA weights."""
+import time
+
+import numpy as np
+
+from flowopd.grpo import group_advantages, informative_groups
+
+from .reward import RewardPools
+from .trainer import Trainer, concat_rollouts, select_states
+
+
+class GRPOTrainer(Trainer):
+    name = "grpo"
+    work_name = "score"
+
+    def start_services(self) -> list:
+        self.rewards = RewardPools(self.cfg.rewards)
+        self.ema = None
+        return self.rewards.actors()
+
+    def extra_adapters(self) -> dict:
+        return {"ema": self.ema} if self.ema is not None else {}
+
+    def load_extra_adapters(self, adapters: dict) -> None:
+        self.ema = adapters.get("ema")
+
+    def final_adapter(self) -> dict:
+        """What to export: the EMA weights when EMA is on, else the student's."""
+        return self.ema if self.ema is not None else self.lora
+
+    def combine(self, scores: dict, tasks: np.ndarray) -> np.ndarray:
+        """The training reward: sum over rewards of weight x primary output, over the rewards that apply to
+        each image's task; NaN where an applicable reward gave NaN (those samples are excluded)."""
+        total = np.zeros(len(tasks))
+        for spec in self.cfg.rewards:
+            applies = np.asarray([spec.applies_to(t) for t in tasks])
+            if not applies.any():
+                continue
+            primary = next(iter(scores[spec.key].values()))
+            total[applies] += spec.weight * primary[applies]
+        return total
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        step = self.step_done + 1
+        t0 = time.perf_counter()
+        version = self.step_done
+        records = self.sampler.draw(cfg.data.prompts_per_step)
+        queued = []
+        for ids, ro in self.rollouts(records, step, decode=True):  # score while other workers still sample
+            recs = [records[i] for i in ids[ro["sample_prompt"]]]
+            jobs = self.rewards.submit(ro["images"], [r.prompt for r in recs], [r.metadata for r in recs],
+                                       [r.task for r in recs])
+            queued.append((ids, ro, recs, jobs))
+        parts, scores, tasks, groups = [], [], [], []
+        n_samples = 0
+        for ids, ro, recs, jobs in queued:
+            scores.append(RewardPools.collect(jobs, len(recs)))
+            tasks += [r.task for r in recs]
+            groups.append(ids[ro["sample_prompt"]])
+            parts.append(dict(ro, n_prompts=len(ids), state_sample=ro["sample_idx"] + n_samples))
+            n_samples += len(recs)
+        t_score = time.perf_counter()
+        tasks, groups = np.asarray(tasks), np.concatenate(groups)
+        merged = {k: {o: np.concatenate([s[k][o] for s in scores]) for o in scores[0][k]} for k in scores[0]}
+        reward = self.combine(merged, tasks)
+        adv = group_advantages(reward, groups, cfg.grpo.adv_clip)
+        keep_sample = informative_groups(adv, groups)
+        batch = concat_rollouts(parts, extra=("state_sample",))
+        state_sample = batch.pop("state_sample")
+        batch["adv"] = np.nan_to_num(adv[state_sample]).astype(np.float32)
+        kept = np.nonzero(keep_sample[state_sample])[0]
+        results, first_ratio_dev = [], None
+        order = np.random.default_rng([cfg.seed, step]).permutation(np.unique(state_sample[kept]))
+        for mb_samples in np.array_split(order, cfg.grpo.minibatches):
+            sel = kept[np.isin(state_sample[kept], mb_samples)]
+            res = self.learn(select_states(batch, sel)) if len(sel) else None
+            if res is not None:
+                if first_ratio_dev is None:  # on-policy: exactly 1 up to float noise
+                    first_ratio_dev = max(float(np.abs(r["ratio"] - 1).max()) for r in res)
+                results.extend(res)
+        if cfg.grpo.ema_decay and step % cfg.grpo.ema_every == 0:
+            d = cfg.grpo.ema_decay
+            self.ema = {k: (v.copy() if self.ema is None else d * self.ema[k] + (1 - d) * v)
+                        for k, v in self.lora.items()}
+        self.step_done = step
+        m = self._metrics(step, version, results, merged, tasks, reward, adv, keep_sample, groups, len(kept),
+                          self.timings(t0, t_score))
+        if first_ratio_dev is not None:
+            m["first_ratio_dev"] = first_ratio_dev
+        return m
+
+    def _metrics(self, step, version, results, scores, tasks, reward, adv, keep, groups, n_states, t) -> dict:
+        finite = np.isfinite(reward)
+        m = {"step": step, "policy_version": version, "samples": len(reward), "states": n_states,
+             "nonfinite_rewards": int((~finite).sum()), "time": t, "states_per_s": n_states / t["total"],
+             "reward_mean": float(np.nanmean(reward)) if finite.any() else float("nan"),
+             "reward_per_task": {k: float(np.nanmean(reward[tasks == k])) for k in sorted(set(tasks))
+                                 if np.isfinite(reward[tasks == k]).any()},
+             "rewards": {k: {o: float(np.nanmean(v)) for o, v in outs.items() if np.isfinite(v).any()}
+                         for k, outs in scores.items()},
+             "groups_kept": f"{len(np.unique(groups[keep]))}/{len(np.unique(groups))}",
+             "adv_abs_mean": float(np.nanmean(np.abs(adv))) if finite.any() else 0.0}
+        if not results:
+            m.update(loss=float("nan"), skipped=True)
+            return m
+        loss = np.concatenate([r["loss"] for r in results])
+        m.update(loss=float(loss.mean()), kl=float(np.concatenate([r["kl"] for r in results]).mean()),
+                 grad_norm=results[-1]["grad_norm"])
+        return m

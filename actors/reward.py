@@ -1,0 +1,71 @@
+"""Reward actor pools: each configured reward runs on its own replicas with its own resources; batches are
+spread over replicas, dead replicas are restarted and their batches retried, and bad outputs are errors
+that name the reward."""
+import os
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from rewards.base import RewardError, check_outputs
+from rewards.registry import make_reward
+
+
+class RewardActor:
+    def __init__(self, label: str, name: str, kwargs: dict):
+        self.label = label
+        self.reward = make_reward(name, kwargs)
+        self.fn = getattr(self.reward, "score", None) or self.reward
+
+    def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict[str, np.ndarray]:
+        return check_outputs(self.label, self.fn(images, prompts, metadata), len(images))
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+class RewardPools:
+    def __init__(self, specs):
+        self.specs = specs
+        cls = ray.remote(RewardActor)
+        self.replicas = {
+            s.key: [cls.options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=s.resources or None,
+                                max_restarts=s.max_restarts, max_task_retries=s.max_restarts)
+                    .remote(s.key, s.name, s.kwargs) for _ in range(s.replicas)]
+            for s in specs}
+        self._next = dict.fromkeys(self.replicas, 0)
+
+    def actors(self) -> list:
+        return [a for reps in self.replicas.values() for a in reps]
+
+    def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict], tasks: list[str]) -> list:
+        """Queue every applicable reward on the images in batches; returns jobs for `collect`."""
+        jobs = []
+        for spec in self.specs:
+            idx = np.asarray([i for i, t in enumerate(tasks) if spec.applies_to(t)], dtype=int)
+            reps = self.replicas[spec.key]
+            for lo in range(0, len(idx), spec.batch_size):
+                sel = idx[lo:lo + spec.batch_size]
+                rep = reps[self._next[spec.key] % len(reps)]
+                self._next[spec.key] += 1
+                jobs.append((spec.key, sel, rep.score.remote(images[sel], [prompts[i] for i in sel],
+                                                             [metadata[i] for i in sel])))
+        return jobs
+
+    @staticmethod
+    def collect(jobs: list, n: int) -> dict[str, dict[str, np.ndarray]]:
+        """{reward: {output: per-image array}}, NaN where a reward does not apply to an image's task."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for key, sel, ref in jobs:
+            try:
+                result = ray.get(ref)
+            except RayTaskError as e:
+                cause = e.cause if isinstance(e.cause, Exception) else e
+                if isinstance(cause, RewardError):
+                    raise cause from None
+                raise RewardError(f"reward {key!r} failed: {type(cause).__name__}: {cause}") from None
+            except RayActorError as e:
+                raise RewardError(f"reward {key!r}: its actor died and could not be restarted ({e})") from None
+            for name, values in result.items():
+                out.setdefault(key, {}).setdefault(name, np.full(n, np.nan))[sel] = values
+        return out

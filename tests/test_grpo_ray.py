@@ -1,0 +1,171 @@
+"""Stage 1 on a real local Ray cluster: reward actors and their faults, a tiny Flow-GRPO run that raises
+its reward, export as an OPD teacher, GRPO-Mix, and evaluation outputs."""
+import json
+import textwrap
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from actors.grpo_trainer import GRPOTrainer
+from actors.reward import RewardPools
+from flowopd.config import ConfigError, EvalConfig, GRPOConfig, RewardSpec, load_config
+from flowopd.preflight import preflight
+from pipelines.evaluate import evaluate, preflight_eval
+from pipelines.grpo import main as grpo_main
+from pipelines.launch import init_ray
+from pipelines.opd import main as opd_main
+from rewards import RewardError
+from tests.conftest import ROOT, tiny_config_dict
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    f = tmp_path / "faulty_rewards.py"
+    f.write_text(textwrap.dedent(f"""
+        import os
+        import numpy as np
+
+        class Raises:
+            def __call__(self, images, prompts, metadata):
+                raise ValueError("scorer exploded")
+
+        class WrongLength:
+            def __call__(self, images, prompts, metadata):
+                return {{"score": np.zeros(len(images) + 1)}}
+
+        class SomeNaN:
+            def __call__(self, images, prompts, metadata):
+                out = images.mean(axis=(1, 2, 3)) / 255.0
+                out[0] = np.nan
+                return {{"score": out}}
+
+        class DiesOnce:
+            def __call__(self, images, prompts, metadata):
+                marker = "{tmp_path}/died"
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)
+                return {{"score": np.ones(len(images))}}
+    """))
+    return f
+
+
+def _grpo_config(tiny_assets, out, **changes) -> GRPOConfig:
+    raw = yaml.safe_load((ROOT / "configs" / "tiny_grpo.yaml").read_text())
+    raw = yaml.safe_load(yaml.safe_dump(raw).replace("runs/tiny_assets", str(tiny_assets)))
+    raw.update(tiny_assets=None, output_dir=str(out))
+    for k, v in changes.items():
+        node = raw
+        *head, last = k.split(".")
+        for p in head:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return GRPOConfig.model_validate(raw)
+
+
+def test_reward_faults(reward_file):
+    images = np.random.default_rng(0).integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)
+    args = (images, ["p"] * 5, [{}] * 5, ["t"] * 5)
+    for cls, match in (("Raises", r"reward 'Raises' failed: ValueError: scorer exploded"),
+                       ("WrongLength", r"reward 'WrongLength' output 'score' has 6 values for 5 images")):
+        pools = RewardPools([RewardSpec(name=f"{reward_file}:{cls}", label=cls, num_cpus=0.25)])
+        with pytest.raises(RewardError, match=match):
+            RewardPools.collect(pools.submit(*args), 5)
+        ray.kill(pools.actors()[0])
+    pools = RewardPools([RewardSpec(name=f"{reward_file}:SomeNaN", label="nan", num_cpus=0.25, batch_size=2)])
+    out = RewardPools.collect(pools.submit(*args), 5)["nan"]["score"]
+    assert np.isnan(out[[0, 2, 4]]).all() and np.isfinite(out[[1, 3]]).all()
+    ray.kill(pools.actors()[0])
+    # an actor that dies mid-batch is restarted by Ray and the batch retried; the step is not lost
+    pools = RewardPools([RewardSpec(name=f"{reward_file}:DiesOnce", label="dies", num_cpus=0.25)])
+    out = RewardPools.collect(pools.submit(*args), 5)["dies"]["score"]
+    assert (reward_file.parent / "died").exists() and (out == 1).all()
+    ray.kill(pools.actors()[0])
+
+
+def test_grpo_raises_reward_exports_a_teacher_and_evaluates(tiny_assets, tmp_path):
+    cfg_path = tmp_path / "grpo.yaml"
+    cfg = _grpo_config(tiny_assets, tmp_path / "grpo")
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert grpo_main(["--config", str(cfg_path), "--no-progress"]) == 0
+    hist = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 30
+    assert all(m["first_ratio_dev"] < 1e-5 for m in hist)  # log-probs recomputed == rollout log-probs
+    assert np.mean([m["reward_mean"] for m in hist[-6:]]) > np.mean([m["reward_mean"] for m in hist[:6]])
+    adapter = tmp_path / "grpo" / "adapter"
+    assert (adapter / "adapter_config.json").exists()
+
+    ev = EvalConfig.model_validate(yaml.safe_load(yaml.safe_dump({
+        "output_dir": str(tmp_path / "eval"), "model": {"base": str(tiny_assets / "base"),
+                                                        "max_sequence_length": 16, "resolution": 16},
+        "models": {"base": {}, "grpo": {"adapter": str(adapter)}},
+        "data": {"sources": [{"path": str(tiny_assets / "geneval_train.jsonl"), "format": "geneval"},
+                             {"path": str(tiny_assets / "ocr_train.txt"), "format": "ocr"}]},
+        "samples_per_prompt": 2, "rewards": [{"name": "brightness", "num_cpus": 0.25},
+                                             {"name": "contrast", "num_cpus": 0.25, "tasks": ["ocr"]}],
+        "rollout": {"num_cpus": 0.25, "batch_size": 32}})))
+    summary = evaluate(ev, preflight_eval(ev))
+    table = pq.read_table(tmp_path / "eval" / "results.parquet").to_pydict()
+    assert len(table["model"]) == 2 * 12 * 2 and {"prompt", "task", "seed", "brightness/brightness"} <= set(table)
+    model, b = np.asarray(table["model"]), np.asarray(table["brightness/brightness"])
+    gain = b[model == "grpo"] - b[model == "base"]  # same prompts and seeds: a paired comparison
+    assert gain.mean() > 3 * gain.std() / np.sqrt(len(gain)), (gain.mean(), gain.std())
+    assert summary["grpo"]["mean"]["brightness/brightness"] > summary["base"]["mean"]["brightness/brightness"]
+    assert "contrast/contrast" in summary["base"]["per_task"]["ocr"]
+    assert "contrast/contrast" not in summary["base"]["per_task"]["geneval"]
+    assert (tmp_path / "eval" / "summary.md").read_text().startswith("| model |")
+    assert (tmp_path / "eval" / "grids" / "grpo" / "ocr.png").exists()
+
+    # the exported adapter is a valid OPD teacher
+    opd = tiny_config_dict(tiny_assets, tmp_path / "opd", **{"teachers.geneval_teacher": {"adapter": str(adapter)},
+                                                             "train.steps": 2})
+    (tmp_path / "opd.yaml").write_text(yaml.safe_dump(opd))
+    assert opd_main(["--config", str(tmp_path / "opd.yaml"), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("mixing", ["per_prompt", "alternate"])
+def test_grpo_mix_logs_each_reward(tiny_assets, tmp_path, mixing):
+    rewards = [{"name": "brightness", "label": "bright", "weight": 3.0, "num_cpus": 0.25},
+               {"name": "brightness", "label": "dark", "kwargs": {"invert": True}, "weight": 1.0, "num_cpus": 0.25}]
+    if mixing == "alternate":
+        rewards[0]["tasks"], rewards[1]["tasks"] = ["geneval"], ["ocr"]
+    cfg = _grpo_config(tiny_assets, tmp_path, **{"rewards": rewards, "data.mixing": mixing, "train.steps": 4,
+                                                 "data.prompts_per_step": 2, "grpo.ema_decay": 0.9,
+                                                 "grpo.ema_every": 2})
+    tr = GRPOTrainer(cfg, preflight(cfg))
+    try:
+        hist = tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    if mixing == "per_prompt":  # conflicting rewards, both logged on every step
+        for m in hist:
+            assert set(m["rewards"]) == {"bright", "dark"}
+            assert m["rewards"]["bright"]["brightness"] + m["rewards"]["dark"]["brightness"] == pytest.approx(1)
+    else:  # 1:1 epoch ratio: steps alternate between the GenEval and the OCR prompts and their rewards
+        assert [list(m["reward_per_task"]) for m in hist] == [["geneval"], ["ocr"], ["geneval"], ["ocr"]]
+        assert [set(m["rewards"]) for m in hist] == [{"bright"}, {"dark"}, {"bright"}, {"dark"}]
+    assert (tmp_path / "checkpoints" / "step_00000004" / "ema" / "adapter_model.safetensors").exists()
+
+
+def test_grpo_config_errors(tiny_assets, tmp_path):
+    path = tmp_path / "g.yaml"
+    bad = _grpo_config(tiny_assets, tmp_path / "o").model_dump(mode="json")
+    bad["rewards"][0]["tasks"] = ["geneval"]
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"task 'ocr' of prompt .* has no reward"):
+        preflight(load_config(str(path), cls=GRPOConfig))
+    (tmp_path / "bad.txt").write_text('a sign "ok"\nno quotes here\n')
+    bad["data"]["sources"] = [{"path": str(tmp_path / "bad.txt"), "format": "ocr"}]
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"bad\.txt:2"):
+        preflight(load_config(str(path), cls=GRPOConfig))
