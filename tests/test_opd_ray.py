@@ -56,7 +56,7 @@ def test_routing_labels_each_state_with_its_teacher_and_mar(make_config, tiny_as
         teachers = {n: _model(tiny_assets, tiny_assets / "teachers" / n) for n in ("geneval_teacher", "ocr_teacher")}
         base = _model(tiny_assets)
         x = torch.tensor(ro["x"])
-        pi = torch.as_tensor(ro["prompt_idx"])
+        pi = torch.tensor(ro["prompt_idx"])
         args = (sigmas[ro["step_idx"]], torch.as_tensor(ro["embeds"])[pi], torch.as_tensor(ro["pooled"])[pi],
                 torch.as_tensor(ro["neg_embeds"]), torch.as_tensor(ro["neg_pooled"]), 4.5)
         with torch.no_grad():
