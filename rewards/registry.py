@@ -10,6 +10,7 @@ BUILTIN = {
     "brightness": "rewards.simple:Brightness",
     "color": "rewards.simple:TargetColor",
     "contrast": "rewards.simple:Contrast",
+    "ocr": "rewards.ocr:OCR",
 }
 ENTRY_POINT_GROUP = "flowopd.rewards"
 

@@ -1,9 +1,11 @@
 """Configuration and pre-flight errors name the offending key, file or prompt before any actor starts."""
+from pathlib import Path
+
 import pytest
 import yaml
 
-from flowopd.config import ConfigError, OPDConfig, load_config
-from flowopd.preflight import preflight
+from flowopd.config import ConfigError, EvalConfig, GRPOConfig, OPDConfig, load_config
+from flowopd.preflight import check_reward_specs, preflight
 from tests.conftest import tiny_config_dict
 
 
@@ -18,6 +20,10 @@ def test_shipped_configs_validate():
     for name in ("tiny_opd.yaml", "sd35m_opd.yaml"):
         cfg = load_config(f"configs/{name}")
         assert cfg.route and cfg.mar.teacher
+    for name in ("tiny_grpo.yaml", "sd35m_grpo_ocr.yaml"):
+        cfg = load_config(f"configs/{name}", cls=GRPOConfig)
+        check_reward_specs(cfg.rewards)
+    assert load_config("configs/tiny_eval.yaml", cls=EvalConfig).sampling.num_steps == 40
 
 
 def test_overrides(tiny_assets, tmp_path):
@@ -81,3 +87,11 @@ def test_cli_refuses_to_overwrite_a_run_and_reports_bad_keys(tiny_assets, tmp_pa
     assert CheckpointManager.load(saved)["trainer_state"]["step"] == 4
     assert main(["--config", str(path), "--resume", "route.ocr=nobody"]) == 2
     assert "route.ocr: teacher 'nobody'" in capsys.readouterr().err
+
+
+def test_ray_cluster_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    cluster = prepare_config(yaml.safe_load(Path("ray_cluster.yaml").read_text()))
+    validate_config(cluster)
+    advertised = {r for node in cluster["available_node_types"].values() for r in node.get("resources", {})}
+    assert {"teacher_node", "rollout_node", "learner_node", "reward_node"} <= advertised
