@@ -8,9 +8,11 @@ def requested_resources(cfg) -> dict[str, dict[str, float]]:
     """Per config key, the total CPUs, GPUs and custom resources its actors ask for."""
     if hasattr(cfg, "rewards"):
         groups = {f"rewards.{r.key}": (r, r.replicas) for r in cfg.rewards}
-    else:
+    elif hasattr(cfg, "pools"):
         groups = {f"pools.{n}": (p, p.replicas) for n, p in cfg.pools.items()
                   if n in {cfg.teachers[t].pool for t in cfg.used_teachers()}}
+    else:
+        groups = {}
     groups["rollout"] = (cfg.rollout, cfg.rollout.workers)
     if hasattr(cfg, "learner"):
         groups["learner"] = (cfg.learner, cfg.learner.ranks)

@@ -23,7 +23,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.pipe = load_pipeline(cfg.model.base, self.dtype, self.device)
+        self.pipe = load_pipeline(cfg.student_base(), self.dtype, self.device)
         s = cfg.student
         self.model = add_student_adapter(self.pipe.transformer,
                                          lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init),

@@ -1,4 +1,5 @@
-"""Evaluation samplers: one pipeline per actor hosting every model to evaluate on one shared base."""
+"""Samplers for evaluation and SFT data: one pipeline per actor hosting several models on one shared base.
+Every model sees the same noise for the same (seed, sample id), so comparisons between models are paired."""
 import numpy as np
 import torch
 
@@ -15,37 +16,38 @@ from flowopd.models import (
 from flowopd.rollout import sample_generators, sample_trajectories
 
 
-class EvalSampler:
-    def __init__(self, cfg, device: str = "auto"):
+class Sampler:
+    def __init__(self, model_cfg, models: dict[str, dict], sampling, seed: int, batch_size: int,
+                 device: str = "auto"):
         quiet_libraries()
-        self.cfg = cfg
+        self.mc, self.sc, self.seed, self.batch_size = model_cfg, sampling, seed, batch_size
+        self.guidance = {name: spec.get("guidance") for name, spec in models.items()}
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.pipe = load_pipeline(cfg.model.base, self.dtype, self.device)
-        specs = {name: m.model_dump() for name, m in cfg.models.items()}
-        self.bank = ModelBank(cfg.model.base, specs, self.dtype, self.device, base_module=self.pipe.transformer)
-        sc = cfg.sampling
-        self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
-        self.neg = [t.to(self.device) for t in encode_prompts(self.pipe, [sc.negative_prompt],
-                                                               cfg.model.max_sequence_length)]
-        side = cfg.model.resolution // self.pipe.vae_scale_factor
+        self.dtype = resolve_dtype(model_cfg.dtype, self.device)
+        self.pipe = load_pipeline(model_cfg.base, self.dtype, self.device)
+        self.bank = ModelBank(model_cfg.base, models, self.dtype, self.device, base_module=self.pipe.transformer)
+        self.sigmas = shifted_sigmas(sampling.num_steps, sampling.shift)
+        self.neg = [t.to(self.device) for t in self.encode([sampling.negative_prompt])]
+        side = model_cfg.resolution // self.pipe.vae_scale_factor
         self.latent_shape = (self.pipe.transformer.config.in_channels, side, side)
 
-    def generate(self, model: str, prompts: list[str], sample_ids: list[int]) -> np.ndarray:
-        """uint8 images (N, H, W, 3); the noise depends only on (seed, sample id), not on the model."""
-        cfg, sc = self.cfg, self.cfg.sampling
-        g = cfg.models[model].guidance
-        guidance = sc.guidance if g is None else g
+    def encode(self, prompts: list[str]):
+        return encode_prompts(self.pipe, prompts, self.mc.max_sequence_length)
+
+    def generate(self, model: str, prompts: list[str], sample_ids: list[int], decode: bool = True) -> np.ndarray:
+        """uint8 images (N, H, W, 3), or with decode=False the final latents (fp32)."""
+        g = self.guidance.get(model)
+        guidance = self.sc.guidance if g is None else g
         autocast = self.dtype if self.dtype != torch.float32 else None
         out = []
         with self.bank.use(model) as net:
-            for i in range(0, len(prompts), cfg.rollout.batch_size):
-                chunk = prompts[i:i + cfg.rollout.batch_size]
-                e, p = encode_prompts(self.pipe, chunk, cfg.model.max_sequence_length)
-                gens = sample_generators(cfg.seed, 0, sample_ids[i:i + len(chunk)], self.device)
+            for i in range(0, len(prompts), self.batch_size):
+                chunk = prompts[i:i + self.batch_size]
+                e, p = self.encode(chunk)
+                gens = sample_generators(self.seed, 0, sample_ids[i:i + len(chunk)], self.device)
                 *_, final = sample_trajectories(net, e.to(self.device), p.to(self.device), *self.neg, self.sigmas,
-                                                sc.noise_level, guidance, self.latent_shape, gens, 0, autocast)
-                out.append(decode_images(self.pipe, final))
+                                                self.sc.noise_level, guidance, self.latent_shape, gens, 0, autocast)
+                out.append(decode_images(self.pipe, final) if decode else final.float().cpu().numpy())
         return np.concatenate(out)
 
     def ping(self) -> int:

@@ -22,11 +22,13 @@ class Trainer:
 
     name = "train"
     work_name = "label"
+    uses_rollouts = True
 
     def __init__(self, cfg, sources: list[list]):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.sources = sources
         self.sampler = MixtureSampler(sources, [s.weight for s in cfg.data.sources], cfg.seed, cfg.data.mixing)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.train.keep_checkpoints)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -37,7 +39,7 @@ class Trainer:
         self.services = self.start_services()
         self.workers = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, resources=rc.resources or None).remote(cfg)
-            for _ in range(rc.workers)]
+            for _ in range(rc.workers if self.uses_rollouts else 0)]
         self.learners = LearnerGroup(cfg)
         ray.get([a.ping.remote() for a in self.services + self.workers])
         self.step_done = 0
@@ -47,6 +49,10 @@ class Trainer:
     def start_services(self) -> list:
         """Create the job's extra actors (each with a `ping` method); returns them."""
         return []
+
+    def final_adapter(self) -> dict:
+        """The LoRA weights a finished job exports."""
+        return self.lora
 
     def extra_adapters(self) -> dict:
         """Further LoRA states to checkpoint beside the student (e.g. an EMA)."""

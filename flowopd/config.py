@@ -27,6 +27,7 @@ class ModelConfig(Strict):
 
 
 class StudentConfig(Strict):
+    base: str | None = None  # a pipeline directory replacing model.base for the student (a fused cold start)
     init_adapter: str | None = None
     lora_rank: int = Field(32, gt=0)
     lora_alpha: float = 64
@@ -138,6 +139,9 @@ class JobConfig(Strict):
         """Whether rollouts must return x' and log-probs (score-function losses)."""
         return True
 
+    def student_base(self) -> str:
+        return self.student.base or self.model.base
+
 
 class OPDConfig(JobConfig):
     teachers: dict[str, TeacherConfig] = Field(min_length=1)
@@ -244,6 +248,57 @@ class EvalConfig(Strict):
     rewards: list[RewardSpec] = Field(min_length=1)
     rollout: RolloutConfig = RolloutConfig()
     grid_images: int = Field(16, gt=0)
+
+
+class MergeSettings(Strict):
+    weights: dict[str, float] | None = None  # default: equal
+    method: Literal["cat", "svd", "fuse", "linear"] = "cat"
+    rank: int | None = Field(None, gt=0)  # svd only
+    normalize: bool = True
+
+
+class SFTSettings(Strict):
+    samples_per_prompt: int = Field(4, gt=0)
+    batch_size: int = Field(32, gt=0)  # (x_sigma, sigma) pairs per optimizer step
+    sampling: EvalSampling = EvalSampling(num_steps=10)
+
+
+class ColdStartConfig(JobConfig):
+    """The student's starting point from the teachers: a weight-space merge or SFT on teacher samples."""
+    method: Literal["merge", "sft"]
+    teachers: dict[str, EvalModel] = Field(min_length=1)
+    route: dict[str, str] = {}
+    merge: MergeSettings = MergeSettings()
+    sft: SFTSettings = SFTSettings()
+    data: DataConfig | None = None
+    export_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _method_inputs(self):
+        if self.method == "merge":
+            for name, t in self.teachers.items():
+                if not t.adapter:
+                    raise ValueError(f"teachers.{name}: merging needs LoRA adapter teachers")
+            extra = set(self.merge.weights or {}) ^ set(self.teachers)
+            if self.merge.weights is not None and extra:
+                raise ValueError(f"merge.weights: keys must be the teachers {sorted(self.teachers)}")
+        else:
+            if self.data is None or not self.route:
+                raise ValueError("sft needs `data` and a `route` from task to teacher")
+            for task, name in self.route.items():
+                if name not in self.teachers:
+                    raise ValueError(f"route.{task}: teacher {name!r} is not defined under `teachers`")
+        return self
+
+    def used_teachers(self) -> list[str]:
+        return sorted(set(self.route.values()))
+
+    def needs_transitions(self) -> bool:
+        return False
+
+    def output_path(self) -> str:
+        default = "model" if self.method == "merge" and self.merge.method == "fuse" else "adapter"
+        return self.export_dir or f"{self.output_dir}/{default}"
 
 
 class ConfigError(ValueError):

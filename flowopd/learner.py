@@ -34,7 +34,7 @@ class Learner:
         dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.autocast = dtype if dtype != torch.float32 else None
         s = cfg.student
-        base = load_transformer(cfg.model.base, dtype, self.device)
+        base = load_transformer(cfg.student_base(), dtype, self.device)
         torch.manual_seed(cfg.seed)  # the same fresh LoRA init on every rank and in every run
         self.model = add_student_adapter(base, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init),
                                          s.init_adapter)
@@ -49,23 +49,26 @@ class Learner:
         self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
         self.std = sde_std(self.sigmas, sc.noise_level)
         self.grpo = getattr(cfg, "grpo", None)
-        exact = self.grpo is not None or cfg.loss.kl_weighting == "exact"
-        self.w = kl_weights(self.sigmas, sc.noise_level, exact=exact)
+        self.sft = hasattr(cfg, "sft")  # plain flow matching: weight 1, conditional velocity, target eps - x0
+        self.form = cfg.loss.form if hasattr(cfg, "loss") else "analytic"
+        exact = self.grpo is not None or self.sft or cfg.loss.kl_weighting == "exact"
+        self.w = torch.ones(sc.num_steps) if self.sft else kl_weights(self.sigmas, sc.noise_level, exact=exact)
         self.w_exact = kl_weights(self.sigmas, sc.noise_level, exact=True)
 
     def _opd_term(self, v, target, x, x_next, logp_old, j):
-        if self.cfg.loss.form == "analytic":
+        if self.form == "analytic":
             return opd_loss(v, target, self.w[j])
         scale = self.w[j] / self.w_exact[j]
         return scale * opd_pg_loss(v, target, x, x_next, logp_old, self.sigmas[j], self.sigmas[j + 1],
                                    self.std[j], self.cfg.loss.clip_range)
 
     def _opd_chunk(self, v, b, sl, j) -> tuple[torch.Tensor, dict]:
-        pg = self.cfg.loss.form == "policy_gradient"
+        pg = self.form == "policy_gradient"
         args = (b["x"][sl], b["x_next"][sl] if pg else None, b["logp_old"][sl] if pg else None, j)
         task = self._opd_term(v, b["v_task"][sl], *args)
         out, loss = {"task_loss": task}, task
-        lam = self.cfg.mar.weight if self.cfg.mar.teacher else 0.0
+        mar = getattr(self.cfg, "mar", None)
+        lam = mar.weight if mar is not None and mar.teacher else 0.0
         if lam > 0:
             out["mar_loss"] = self._opd_term(v, b["v_mar"][sl], *args)
             loss = loss + lam * out["mar_loss"]
@@ -89,7 +92,7 @@ class Learner:
         mb = self.cfg.learner.micro_batch_size
         chunks = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
         model = self.ddp or self.model
-        train_cfg = self.grpo is not None or self.cfg.loss.train_cfg
+        train_cfg = self.grpo is not None or (not self.sft and self.cfg.loss.train_cfg)
         guidance = self.cfg.sampling.guidance if train_cfg else 1.0
         terms: dict[str, list] = {}
         self.model.train()

@@ -16,8 +16,16 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
         tcfg = transformer_config(str(base))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.base: {base} is not a diffusers SD3 directory ({e})") from None
+    if cfg.student.base:
+        sb = Path(cfg.student.base)
+        try:
+            same = transformer_config(str(sb)).get("num_layers") == tcfg.get("num_layers")
+        except OSError:
+            raise ConfigError(f"student.base: {sb} is not a diffusers SD3 directory") from None
+        if not same:
+            raise ConfigError(f"student.base: {sb} has another architecture than model.base {base}")
     if cfg.student.init_adapter:
-        _adapter("student.init_adapter", cfg.student.init_adapter, base)
+        _adapter("student.init_adapter", cfg.student.init_adapter, Path(cfg.student_base()))
     if isinstance(cfg, GRPOConfig):
         check_reward_specs(cfg.rewards)
     else:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from actors.resources import check_cluster_resources
 from actors.reward import RewardPools
-from actors.sampler import EvalSampler
+from actors.sampler import Sampler
 from flowopd.config import ConfigError, EvalConfig, load_config
 from flowopd.data import DataError, read_source
 from flowopd.models import check_adapter_fits
@@ -99,9 +99,10 @@ def evaluate(cfg: EvalConfig, records) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rc = cfg.rollout
-    samplers = [ray.remote(EvalSampler).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
-                                                resources=rc.resources or None).remote(cfg)
-                for _ in range(rc.workers)]
+    models = {name: m.model_dump() for name, m in cfg.models.items()}
+    samplers = [ray.remote(Sampler).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+                                            resources=rc.resources or None)
+                .remote(cfg.model, models, cfg.sampling, cfg.seed, rc.batch_size) for _ in range(rc.workers)]
     rewards = RewardPools(cfg.rewards)
     try:
         ray.get([a.ping.remote() for a in samplers + rewards.actors()])

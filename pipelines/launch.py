@@ -34,8 +34,9 @@ def describe(cfg, sources) -> str:
     lines = [(f"data: {sum(len(s) for s in sources)} prompts from {len(sources)} sources ({cfg.data.mixing}); "
               f"{cfg.data.prompts_per_step} prompts x {cfg.data.group_size} samples per step")]
     if hasattr(cfg, "route"):
+        mar = getattr(cfg, "mar", None)
         lines.append("route: " + ", ".join(f"{k} -> {v}" for k, v in cfg.route.items())
-                     + (f"; MAR {cfg.mar.teacher} (lambda {cfg.mar.weight})" if cfg.mar.teacher else "; no MAR"))
+                     + (f"; MAR {mar.teacher} (lambda {mar.weight})" if mar and mar.teacher else ""))
     else:
         lines.append("rewards: " + ", ".join(f"{r.key} x{r.weight:g} on {r.tasks or 'all tasks'}" for r in cfg.rewards))
     lines += [f"{k}: " + ", ".join(f"{v:g} {r}" for r, v in asked.items() if v)

@@ -2,12 +2,39 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from peft import PeftModel
 
 from flowopd.config import OPDConfig
-from flowopd.tiny import ensure_tiny_assets
+from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
+from flowopd.tiny import GENEVAL, OCR, ensure_tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def velocity_gaps(assets, student_dir):
+    """Mean squared velocity gap between the student and each task teacher, on each task's prompts."""
+    pipe = load_pipeline(str(assets / "base"))
+    neg = encode_prompts(pipe, [""], 16)
+    student = _peft_model(assets, student_dir) if student_dir else _peft_model(assets)
+    teachers = {n: _peft_model(assets, assets / "teachers" / n) for n in ("geneval_teacher", "ocr_teacher")}
+    gaps = {}
+    for task, prompts in (("geneval", [p for _, p in GENEVAL]), ("ocr", OCR)):
+        e, p = encode_prompts(pipe, prompts, 16)
+        x = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for s in (0.9, 0.5, 0.2):
+                vs = velocity(student, x, s, e, p, *neg, 4.5)
+                for name, t in teachers.items():
+                    gap = ((vs - velocity(t, x, s, e, p, *neg, 4.5)) ** 2).mean().item()
+                    gaps[(task, name)] = gaps.get((task, name), 0.0) + gap
+    return gaps
+
+
+def _peft_model(assets, adapter=None):
+    base = load_transformer(str(assets / "base"))
+    return PeftModel.from_pretrained(base, str(adapter)) if adapter else base
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from flowopd.models import encode_prompts, load_pipeline, load_transformer, velo
 from flowopd.preflight import preflight
 from flowopd.tiny import GENEVAL, OCR
 from pipelines.launch import init_ray
-from tests.conftest import tiny_config_dict
+from tests.conftest import tiny_config_dict, velocity_gaps
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -142,25 +142,6 @@ def test_ddp_ranks_match_single_process(make_config, form):
         np.testing.assert_allclose(ranks[0][k], ref[k], atol=2e-5, rtol=1e-4)
 
 
-def _velocity_gaps(assets, student_dir):
-    """Mean squared velocity gap between the student and each task teacher, on each task's prompts."""
-    pipe = load_pipeline(str(assets / "base"))
-    neg = encode_prompts(pipe, [""], 16)
-    student = _model(assets, student_dir) if student_dir else _model(assets)
-    teachers = {n: _model(assets, assets / "teachers" / n) for n in ("geneval_teacher", "ocr_teacher")}
-    gaps = {}
-    for task, prompts in (("geneval", [p for _, p in GENEVAL]), ("ocr", OCR)):
-        e, p = encode_prompts(pipe, prompts, 16)
-        x = torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            for s in (0.9, 0.5, 0.2):
-                vs = velocity(student, x, s, e, p, *neg, 4.5)
-                for name, t in teachers.items():
-                    gap = ((vs - velocity(t, x, s, e, p, *neg, 4.5)) ** 2).mean().item()
-                    gaps[(task, name)] = gaps.get((task, name), 0.0) + gap
-    return gaps
-
-
 @pytest.fixture(scope="module")
 def straight_run(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
@@ -182,8 +163,8 @@ def test_end_to_end_student_moves_toward_routed_teachers(straight_run, tiny_asse
     m = hist[-1]
     assert len(m["loss_per_step"]) == 9 and m["mar_loss"] > 0 and m["grad_norm"] > 0
     assert set(m["time"]) == {"rollout", "label", "learn", "sync", "other", "total"}
-    before = _velocity_gaps(tiny_assets, None)
-    after = _velocity_gaps(tiny_assets, f"{cfg.output_dir}/checkpoints/step_00000016/student")
+    before = velocity_gaps(tiny_assets, None)
+    after = velocity_gaps(tiny_assets, f"{cfg.output_dir}/checkpoints/step_00000016/student")
     for task, mine, other in (("geneval", "geneval_teacher", "ocr_teacher"), ("ocr", "ocr_teacher", "geneval_teacher")):
         gain_mine = 1 - after[(task, mine)] / before[(task, mine)]
         gain_other = 1 - after[(task, other)] / before[(task, other)]
