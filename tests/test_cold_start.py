@@ -8,9 +8,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from actors.sampler import Sampler
+from flowopd.config import ColdStartConfig, load_config
 from flowopd.merge import delta, exact_delta, load_teachers, merge, normalise_weights, relative_error
 from flowopd.models import load_transformer
-from flowopd.tiny import make_random_adapter
+from flowopd.tiny import GENEVAL, OCR, make_random_adapter
 from pipelines.cold_start import main as cold_start_main
 from tests.conftest import ROOT
 
@@ -87,23 +89,42 @@ def test_cli_merge_never_overwrites_without_force(tiny_assets, tmp_path, capsys)
     assert cold_start_main(["--config", str(path), "--force", "merge.weights={geneval_teacher: -1, ocr_teacher: 1}"]) == 2
 
 
-def test_sft_generates_teacher_data_once_and_trains(tiny_assets, tmp_path):
+def _sample_gaps(tiny_assets, student: str) -> dict:
+    """Mean squared distance between the student's and each teacher's ODE samples (same prompts, seeds)."""
+    cfg = load_config(str(ROOT / "configs" / "tiny_cold_start.yaml"), [f"model.base={tiny_assets / 'base'}"],
+                      ColdStartConfig)
+    models = {"student": {"adapter": student} if student else {},
+              **{n: {"adapter": str(tiny_assets / "teachers" / n)} for n in ("geneval_teacher", "ocr_teacher")}}
+    sampler = Sampler(cfg.model, models, cfg.sft.sampling, seed=123, batch_size=64)
+    gaps = {}
+    for task, prompts in (("geneval", [p for _, p in GENEVAL]), ("ocr", OCR)):
+        many = [p for p in prompts for _ in range(8)]
+        lat = {m: sampler.generate(m, many, list(range(len(many))), decode=False) for m in models}
+        for t in ("geneval_teacher", "ocr_teacher"):
+            gaps[(task, t)] = float(((lat["student"] - lat[t]) ** 2).mean())
+    return gaps
+
+
+def test_sft_moves_each_task_toward_its_teacher_and_resumes(tiny_assets, tmp_path):
     from pipelines.launch import init_ray
     init_ray(None)
     try:
         path = _write_cfg(tiny_assets, tmp_path, method="sft")
-        assert cold_start_main(["--config", str(path), "--no-progress", "train.steps=4"]) == 0
+        assert cold_start_main(["--config", str(path), "--no-progress"]) == 0
         data = load_file(str(tmp_path / "cs" / "sft_data" / "data.safetensors"))
         assert data["x0"].shape == (12 * 4, 4, 8, 8) and torch.isfinite(data["x0"]).all()
         tasks = json.loads((tmp_path / "cs" / "sft_data" / "tasks.json").read_text())
         assert sorted(set(tasks)) == ["geneval", "ocr"]
         hist = [json.loads(x) for x in (tmp_path / "cs" / "metrics.jsonl").read_text().splitlines()]
-        assert len(hist) == 4 and all(np.isfinite(m["loss"]) for m in hist)
+        assert len(hist) == 40 and all(np.isfinite(m["loss"]) for m in hist)
         assert (tmp_path / "cs" / "adapter" / "adapter_config.json").exists()
+        before, after = _sample_gaps(tiny_assets, None), _sample_gaps(tiny_assets, str(tmp_path / "cs" / "adapter"))
+        for task, teacher in (("geneval", "geneval_teacher"), ("ocr", "ocr_teacher")):
+            assert after[(task, teacher)] < 0.85 * before[(task, teacher)], (task, before, after)
         mtime = (tmp_path / "cs" / "sft_data" / "data.safetensors").stat().st_mtime_ns
         # resuming reuses the generated set and continues from the checkpoint
-        assert cold_start_main(["--config", str(path), "--no-progress", "--force", "--resume", "train.steps=6"]) == 0
+        assert cold_start_main(["--config", str(path), "--no-progress", "--force", "--resume", "train.steps=42"]) == 0
         assert (tmp_path / "cs" / "sft_data" / "data.safetensors").stat().st_mtime_ns == mtime
-        assert len((tmp_path / "cs" / "metrics.jsonl").read_text().splitlines()) == 6
+        assert len((tmp_path / "cs" / "metrics.jsonl").read_text().splitlines()) == 42
     finally:
         ray.shutdown()
