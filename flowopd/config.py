@@ -327,9 +327,13 @@ def load_config(path: str, overrides: list[str] = (), cls=OPDConfig):
     raw = yaml.safe_load(p.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
-    raw = apply_overrides(raw, list(overrides))
+    return validate(cls, apply_overrides(raw, list(overrides)), str(p))
+
+
+def validate(cls, raw: dict, where: str):
+    """cls.model_validate(raw), with pydantic's errors turned into one ConfigError naming every key."""
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
         lines = [f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
-        raise ConfigError(f"{p}: invalid configuration\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(f"{where}: invalid configuration\n  " + "\n  ".join(lines)) from None

@@ -16,7 +16,7 @@ from pipelines.launch import run_job
 
 def export_adapter(trainer, dest: str | None = None) -> dict:
     """Write the final (EMA if enabled) adapter to export_dir, atomically replacing an older export."""
-    dest = Path(dest or trainer.cfg.export_dir or Path(trainer.cfg.output_dir) / "adapter")
+    dest = Path(dest or getattr(trainer.cfg, "export_dir", None) or Path(trainer.cfg.output_dir) / "adapter")
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(tmp, trainer.final_adapter(), trainer.lora_cfg)

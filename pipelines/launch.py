@@ -71,14 +71,23 @@ def run_job(argv, doc: str, config_cls, trainer_cls, finish=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(cfg, sources), file=sys.stderr)
-    trainer = trainer_cls(cfg, sources)
-    if args.resume:
-        step = trainer.resume()
-        print(f"resumed at step {step}" if step else "no checkpoint found; starting at step 0", file=sys.stderr)
-    history = trainer.run(progress=not args.no_progress)
-    summary = {"final_checkpoint": str(trainer.ckpt.latest()), "steps": trainer.step_done,
-               "last_loss": history[-1]["loss"] if history else None}
-    if finish is not None:
-        summary.update(finish(trainer))
-    print(json.dumps(summary))
+    print(json.dumps(train(cfg, sources, trainer_cls, args.resume, not args.no_progress, finish)))
     return 0
+
+
+def train(cfg, sources, trainer_cls, resume: bool, progress: bool = True, finish=None) -> dict:
+    """Run one training job to its last step (from its newest checkpoint when resuming), release its
+    actors, and return a summary (plus whatever `finish(trainer)` adds)."""
+    trainer = trainer_cls(cfg, sources)
+    try:
+        if resume:
+            step = trainer.resume()
+            print(f"resumed at step {step}" if step else "no checkpoint found; starting at step 0", file=sys.stderr)
+        history = trainer.run(progress=progress)
+        summary = {"final_checkpoint": str(trainer.ckpt.latest()), "steps": trainer.step_done,
+                   "last_loss": history[-1]["loss"] if history else None}
+        if finish is not None:
+            summary.update(finish(trainer))
+        return summary
+    finally:
+        trainer.shutdown()

@@ -1,0 +1,178 @@
+"""The whole paper as one resumable job: teachers (trained with GRPO or given), the GRPO-Mix baseline,
+the cold start, OPD with MAR (and optionally without, for the ablation), and an evaluation of every model.
+
+    python -m pipelines.recipe --config configs/tiny_recipe.yaml
+    ray job submit --working-dir . -- python -m pipelines.recipe --config my_recipe.yaml
+
+Each stage writes into output_dir/<stage>/ and, when finished, a DONE.json there. Running the job again
+skips finished stages (their outputs are never rewritten) and resumes an unfinished training stage from
+its newest checkpoint. Every stage's configuration is validated before the first stage starts.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from actors.grpo_trainer import GRPOTrainer
+from actors.opd_trainer import OPDTrainer
+from actors.resources import check_cluster_resources
+from flowopd.checkpoint import write_json_atomic
+from flowopd.config import ColdStartConfig, ConfigError, EvalConfig, GRPOConfig, OPDConfig, apply_overrides, validate
+from flowopd.data import DataError
+from flowopd.preflight import preflight
+from flowopd.tiny import ensure_tiny_assets
+from pipelines.cold_start import run_merge
+from pipelines.evaluate import evaluate, preflight_eval
+from pipelines.grpo import export_adapter
+from pipelines.launch import init_ray, train
+
+STAGE_KEYS = ("defaults", "teachers", "grpo_mix", "cold_start", "opd", "opd_without_mar", "evaluate")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+class Recipe:
+    def __init__(self, raw: dict):
+        unknown = set(raw) - {"output_dir", "tiny_assets", "ray_address", *STAGE_KEYS}
+        if unknown:
+            raise ConfigError(f"recipe: unknown keys {sorted(unknown)}")
+        if "output_dir" not in raw:
+            raise ConfigError("recipe: output_dir is required")
+        self.raw, self.out = raw, Path(raw["output_dir"])
+        self.defaults = raw.get("defaults", {})
+        self.teachers = raw.get("teachers") or {}
+        if not self.teachers:
+            raise ConfigError("teachers: name at least one teacher (`adapter:` given, or `grpo:` to train)")
+        self.stages = self._configs()
+
+    def _job(self, stage: str, cls, body: dict, keep=("seed", "model", "student", "sampling", "rollout", "learner")):
+        """A stage's validated config: the recipe defaults it uses, overlaid with its own section."""
+        keep = keep + (("data",) if cls is not EvalConfig else ())
+        merged = deep_merge({k: v for k, v in self.defaults.items() if k in keep}, body)
+        merged.setdefault("output_dir", str(self.out / stage))
+        if self.raw.get("ray_address"):
+            merged["ray_address"] = self.raw["ray_address"]
+        return validate(cls, merged, f"recipe stage {stage}")
+
+    def teacher_adapter(self, name: str) -> str:
+        spec = self.teachers[name]
+        return spec["adapter"] if "adapter" in spec else str(self.out / "teachers" / name / "adapter")
+
+    def _configs(self) -> dict:
+        stages = {}
+        for name, spec in self.teachers.items():
+            if "grpo" in spec:
+                body = deep_merge(spec["grpo"], {"export_dir": self.teacher_adapter(name)})
+                stages[f"teachers/{name}"] = self._job(f"teachers/{name}", GRPOConfig, body)
+            elif "adapter" not in spec:
+                raise ConfigError(f"teachers.{name}: give `adapter:` (an existing teacher) or `grpo:` (train one)")
+        if self.raw.get("grpo_mix"):
+            stages["grpo_mix"] = self._job("grpo_mix", GRPOConfig, self.raw["grpo_mix"])
+        cs = copy.deepcopy(self.raw.get("cold_start") or {"method": "merge"})
+        cs.setdefault("teachers", {n: {"adapter": self.teacher_adapter(n)} for n in self._task_teachers()})
+        stages["cold_start"] = self._job("cold_start", ColdStartConfig, cs)
+        opd = copy.deepcopy(self.raw.get("opd") or {})
+        opd.setdefault("teachers", {})
+        for n in self.teachers:
+            opd["teachers"].setdefault(n, {"adapter": self.teacher_adapter(n)})
+        opd = deep_merge(opd, {"student": self._student_start(stages["cold_start"])})
+        stages["opd"] = self._job("opd", OPDConfig, opd)
+        if self.raw.get("opd_without_mar"):
+            stages["opd_without_mar"] = self._job("opd_without_mar", OPDConfig,
+                                                  deep_merge(opd, {"mar": {"teacher": None}}))
+        stages["evaluate"] = self._job("evaluate", EvalConfig,
+                                       deep_merge(self.raw.get("evaluate") or {}, {"models": self._eval_models(stages)}),
+                                       keep=("seed", "model", "rollout"))
+        return stages
+
+    def _task_teachers(self) -> list[str]:
+        route = (self.raw.get("opd") or {}).get("route", {})
+        return sorted(set(route.values()) & set(self.teachers)) or sorted(self.teachers)
+
+    def _student_start(self, cs: ColdStartConfig) -> dict:
+        if cs.method == "merge" and cs.merge.method == "fuse":
+            return {"base": cs.output_path()}
+        return {"init_adapter": cs.output_path()}
+
+    def _eval_models(self, stages) -> dict:
+        models = {"base": {}, **{n: {"adapter": self.teacher_adapter(n)} for n in self.teachers}}
+        if "grpo_mix" in stages:
+            models["grpo_mix"] = {"adapter": str(self.out / "grpo_mix" / "adapter")}
+        cs = stages["cold_start"]
+        if "base" in self._student_start(cs):
+            models["cold_start"] = {"transformer": cs.output_path()}
+        else:
+            models["cold_start"] = {"adapter": cs.output_path()}
+        for name in ("opd_without_mar", "opd"):
+            if name in stages:
+                models[name] = {"adapter": str(self.out / name / "adapter")}
+        return models
+
+    def done(self, stage: str) -> bool:
+        return (self.out / stage / "DONE.json").exists()
+
+    def finish(self, stage: str, summary: dict) -> None:
+        write_json_atomic(self.out / stage / "DONE.json", summary)
+
+    def run(self, progress: bool = True) -> dict:
+        init_ray(self.raw.get("ray_address"))
+        for stage, cfg in self.stages.items():
+            if self.done(stage):
+                print(f"[recipe] {stage}: finished earlier, skipped", file=sys.stderr)
+                continue
+            print(f"[recipe] {stage}: running", file=sys.stderr)
+            summary = self.run_stage(stage, cfg, progress)
+            self.finish(stage, summary)
+        return json.loads((self.out / "evaluate" / "summary.json").read_text())
+
+    def run_stage(self, stage: str, cfg, progress: bool) -> dict:
+        if isinstance(cfg, EvalConfig):
+            check_cluster_resources(cfg)
+            return {"summary": evaluate(cfg, preflight_eval(cfg))}
+        if isinstance(cfg, ColdStartConfig):
+            out = Path(cfg.output_path())
+            if out.exists():  # written atomically: it is complete, only DONE.json was not
+                return {"output": str(out)}
+            return run_merge(cfg)
+        sources = preflight(cfg)
+        check_cluster_resources(cfg)
+        trainer = GRPOTrainer if isinstance(cfg, GRPOConfig) else OPDTrainer
+        dest = cfg.export_dir if isinstance(cfg, GRPOConfig) else None
+        return train(cfg, sources, trainer, resume=True, progress=progress,
+                     finish=lambda tr: export_adapter(tr, dest))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the recipe file")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        path = Path(args.config)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, args.overrides)
+        if raw.get("tiny_assets"):
+            ensure_tiny_assets(raw["tiny_assets"])
+        recipe = Recipe(raw)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(recipe.out, exist_ok=True)
+    summary = recipe.run(progress=not args.no_progress)
+    print(json.dumps({"output_dir": str(recipe.out), "models": sorted(summary)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
