@@ -34,19 +34,29 @@ class Sampler:
     def encode(self, prompts: list[str]):
         return encode_prompts(self.pipe, prompts, self.mc.max_sequence_length)
 
-    def generate(self, model: str, prompts: list[str], sample_ids: list[int], decode: bool = True) -> np.ndarray:
-        """uint8 images (N, H, W, 3), or with decode=False the final latents (fp32)."""
-        g = self.guidance.get(model)
-        guidance = self.sc.guidance if g is None else g
+    def generate(self, model: str, prompts: list[str], sample_ids: list[int], decode: bool = True,
+                 steps: int | None = None, guidance: float | None = None, resolution: int | None = None,
+                 seed: int | None = None) -> np.ndarray:
+        """uint8 images (N, H, W, 3), or with decode=False the final latents (fp32). steps, guidance,
+        resolution and seed default to the sampler's own settings."""
+        if guidance is None:
+            g = self.guidance.get(model)
+            guidance = self.sc.guidance if g is None else g
+        sigmas = self.sigmas if steps is None else shifted_sigmas(steps, self.sc.shift)
+        shape = self.latent_shape
+        if resolution is not None:
+            side = resolution // self.pipe.vae_scale_factor
+            shape = (shape[0], side, side)
+        seed = self.seed if seed is None else seed
         autocast = self.dtype if self.dtype != torch.float32 else None
         out = []
         with self.bank.use(model) as net:
             for i in range(0, len(prompts), self.batch_size):
                 chunk = prompts[i:i + self.batch_size]
                 e, p = self.encode(chunk)
-                gens = sample_generators(self.seed, 0, sample_ids[i:i + len(chunk)], self.device)
-                *_, final = sample_trajectories(net, e.to(self.device), p.to(self.device), *self.neg, self.sigmas,
-                                                self.sc.noise_level, guidance, self.latent_shape, gens, 0, autocast)
+                gens = sample_generators(seed, 0, sample_ids[i:i + len(chunk)], self.device)
+                *_, final = sample_trajectories(net, e.to(self.device), p.to(self.device), *self.neg, sigmas,
+                                                self.sc.noise_level, guidance, shape, gens, 0, autocast)
                 out.append(decode_images(self.pipe, final) if decode else final.float().cpu().numpy())
         return np.concatenate(out)
 

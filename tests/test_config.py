@@ -95,3 +95,16 @@ def test_ray_cluster_yaml_passes_rays_validation():
     validate_config(cluster)
     advertised = {r for node in cluster["available_node_types"].values() for r in node.get("resources", {})}
     assert {"teacher_node", "rollout_node", "learner_node", "reward_node"} <= advertised
+    used = set()
+    for path in Path("configs").glob("*.yaml"):
+        text = yaml.safe_load(path.read_text())
+        stack = [text]
+        while stack:  # every `resources:` mapping anywhere in the config
+            node = stack.pop()
+            if isinstance(node, dict):
+                used |= set(node.get("resources") or {}) if isinstance(node.get("resources"), dict) else set()
+                stack += list(node.values())
+            elif isinstance(node, list):
+                stack += node
+    assert used and used <= advertised, used - advertised
+    assert load_config("configs/sd35m_opd_cluster.yaml").pools["default"].resources == {"teacher_node": 1}
