@@ -11,6 +11,8 @@ BUILTIN = {
     "color": "rewards.simple:TargetColor",
     "contrast": "rewards.simple:Contrast",
     "ocr": "rewards.ocr:OCR",
+    "reward_server": "rewards.remote:RewardServer",
+    "chat_judge": "rewards.remote:ChatJudge",
 }
 ENTRY_POINT_GROUP = "flowopd.rewards"
 

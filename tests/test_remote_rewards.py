@@ -1,0 +1,116 @@
+"""Remote scorers against real local FastAPI servers: Flow-GRPO's reward-server protocol and an
+OpenAI-style chat endpoint, including servers that time out, fail or answer garbage."""
+import asyncio
+import io
+import pickle
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from PIL import Image
+
+from rewards import RewardError, make_reward
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+    calls = {"flaky": 0}
+
+    @app.post("/score")
+    async def score(request: Request):
+        if request.headers.get("authorization") != "Bearer k":
+            return Response(status_code=401)
+        data = pickle.loads(await request.body())
+        means = [np.asarray(Image.open(io.BytesIO(b))).mean() / 255.0 for b in data["images"]]
+        return Response(pickle.dumps({"scores": means, "strict_rewards": [float(m > 0.5) for m in means],
+                                      "n_meta": [len(data["meta_datas"])] * len(means)}))
+
+    @app.post("/flaky")
+    async def flaky(request: Request):
+        calls["flaky"] += 1
+        if calls["flaky"] <= 2:
+            return Response(status_code=500)
+        n = len(pickle.loads(await request.body())["images"])
+        return Response(pickle.dumps({"scores": [1.0] * n}))
+
+    @app.post("/slow")
+    async def slow():
+        await asyncio.sleep(1.5)
+        return Response(pickle.dumps({"scores": []}))
+
+    @app.post("/garbage")
+    async def garbage():
+        return Response(b"<html>not a pickle</html>")
+
+    @app.post("/judge/v1/chat/completions")
+    async def judge(body: dict):
+        text = body["messages"][0]["content"][1]["text"]
+        good = "cat" in text.split("Instruction:")[1]
+        content = (f"<Thought>checked</Thought><QualityScore>4</QualityScore>"
+                   f"<InstructionScore>{5 if good else 1}</InstructionScore><OverallScore>{4.5 if good else 1.5}"
+                   f"</OverallScore>")
+        return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+    @app.post("/mute/v1/chat/completions")
+    async def mute(body: dict):
+        return {"choices": [{"message": {"role": "assistant", "content": "I cannot score this."}}]}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def url():
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(_app(), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(5)
+
+
+IMAGES = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (0, 128, 255)])
+
+
+def test_reward_server_protocol(url):
+    r = make_reward("reward_server", {"url": f"{url}/score", "outputs": ["scores", "strict_rewards", "n_meta"],
+                                      "api_key": "k", "batch_size": 2})
+    out = r(IMAGES, ["a", "b", "c"], [{"tag": "x"}] * 3)
+    np.testing.assert_allclose(out["scores"], [0, 128 / 255, 1], atol=0.02)
+    assert out["strict_rewards"].tolist() == [0, 1, 1] and out["n_meta"].tolist() == [2, 2, 1]
+    flaky = make_reward("reward_server", {"url": f"{url}/flaky", "retries": 3, "backoff": 0.01})
+    assert flaky(IMAGES, ["a"] * 3, [{}] * 3)["scores"].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("path,kw,match", [
+    ("slow", {"timeout": 0.3}, "ReadTimeout"),
+    ("garbage", {}, "UnpicklingError|not a pickle|invalid load key"),
+    ("score", {}, "401"),  # no API key
+])
+def test_reward_server_failures_name_the_endpoint(url, path, kw, match):
+    r = make_reward("reward_server", {"url": f"{url}/{path}", "retries": 1, "backoff": 0.01, **kw})
+    with pytest.raises(RewardError, match=rf"endpoint {url}/{path} failed after 2 attempts: .*({match})"):
+        r(IMAGES, ["a"] * 3, [{}] * 3)
+
+
+def test_chat_judge_parses_the_papers_scores(url):
+    judge = make_reward("chat_judge", {"url": f"{url}/judge/v1/chat/completions", "model": "qwen3-vl"})
+    out = judge(IMAGES[:2], ["a cat on a mat", "a dog"], [{}, {}])
+    assert out["overall"].tolist() == [4.5, 1.5] and out["instruction"].tolist() == [5, 1]
+    assert out["quality"].tolist() == [4, 4]
+    mute = make_reward("chat_judge", {"url": f"{url}/mute/v1/chat/completions", "model": "m", "retries": 1,
+                                      "backoff": 0.01})
+    with pytest.raises(RewardError, match=r"/mute/v1/chat/completions failed after 2 attempts: .*no <OverallScore>"):
+        mute(IMAGES[:1], ["a cat"], [{}])
