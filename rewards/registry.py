@@ -11,6 +11,9 @@ BUILTIN = {
     "color": "rewards.simple:TargetColor",
     "contrast": "rewards.simple:Contrast",
     "ocr": "rewards.ocr:OCR",
+    "clip_score": "rewards.clip:CLIPScore",
+    "pickscore": "rewards.clip:PickScore",
+    "aesthetic": "rewards.clip:Aesthetic",
     "reward_server": "rewards.remote:RewardServer",
     "chat_judge": "rewards.remote:ChatJudge",
 }
