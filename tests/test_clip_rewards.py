@@ -57,7 +57,7 @@ def test_clip_and_pickscore_match_direct_computation(clip_dir):
     pick = make_reward("pickscore", {"path": str(clip_dir), "device": "cpu"})
     np.testing.assert_allclose(clip(IMAGES, PROMPTS, [{}] * 3)["clip_score"], cos.numpy(), atol=1e-5)
     np.testing.assert_allclose(pick(IMAGES, PROMPTS, [{}] * 3)["pickscore"],
-                               (model.logit_scale.exp() * cos).numpy(), rtol=1e-5)
+                               (model.logit_scale.exp() * cos).detach().numpy(), rtol=1e-5)
 
 
 def test_aesthetic_head_on_clip_embeddings(clip_dir):
