@@ -63,3 +63,32 @@ def make_config(tiny_assets, tmp_path):
     def make(**changes) -> OPDConfig:
         return OPDConfig.model_validate(tiny_config_dict(tiny_assets, tmp_path / "out", **changes))
     return make
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP model + processor (and a random aesthetic MLP head) saved like a real one."""
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    chars = list("abcdefghijklmnopqrstuvwxyz")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                                  "num_hidden_layers": 2, "vocab_size": len(vocab), "bos_token_id": 0,
+                                  "eos_token_id": 1, "pad_token_id": 1},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                                    "num_hidden_layers": 2, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    CLIPModel(cfg).eval().save_pretrained(path)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    proc.save_pretrained(path)
+    head = {f"layers.{i}.{p}": torch.randn(*shape) * 0.1 for i, shape_w in
+            ((0, (1024, 16)), (2, (128, 1024)), (4, (64, 128)), (6, (16, 64)), (7, (1, 16)))
+            for p, shape in (("weight", shape_w), ("bias", (shape_w[0],)))}
+    save_file(head, str(path / "head.safetensors"))
+    return path
