@@ -11,6 +11,7 @@ BUILTIN = {
     "color": "rewards.simple:TargetColor",
     "contrast": "rewards.simple:Contrast",
     "ocr": "rewards.ocr:OCR",
+    "brisque": "rewards.brisque:Brisque",
     "geneval": "rewards.geneval:GenEval",
     "clip_score": "rewards.clip:CLIPScore",
     "pickscore": "rewards.clip:PickScore",
