@@ -20,7 +20,8 @@ def test_shipped_configs_validate():
     for name in ("tiny_opd.yaml", "sd35m_opd.yaml"):
         cfg = load_config(f"configs/{name}")
         assert cfg.route and cfg.mar.teacher
-    for name in ("tiny_grpo.yaml", "sd35m_grpo_ocr.yaml"):
+    for name in ("tiny_grpo.yaml", "sd35m_grpo_ocr.yaml", "sd35m_grpo_geneval.yaml", "sd35m_grpo_pickscore.yaml",
+                 "sd35m_grpo_mix.yaml"):
         cfg = load_config(f"configs/{name}", cls=GRPOConfig)
         check_reward_specs(cfg.rewards)
     assert load_config("configs/tiny_eval.yaml", cls=EvalConfig).sampling.num_steps == 40
