@@ -30,15 +30,10 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
         check_reward_specs(cfg.rewards)
     else:
         _check_teachers(cfg, base, tcfg)
-    sources = []
-    for i, src in enumerate(cfg.data.sources):
-        try:
-            records = read_source(src.path, src.format, src.task)
-        except DataError as e:
-            raise ConfigError(f"data.sources[{i}]: {e}") from None
+    sources = read_sources(cfg.data.sources)
+    for i, (src, records) in enumerate(zip(cfg.data.sources, sources)):
         for r in records:
             _check_task(cfg, i, src.path, r)
-        sources.append(records)
     sc = cfg.sampling
     states = cfg.data.prompts_per_step * cfg.data.group_size * max(1, int(sc.num_steps * sc.train_timestep_fraction))
     if states < cfg.learner.ranks:
@@ -46,6 +41,17 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
     if cfg.needs_transitions() and sc.noise_level == 0:
         raise ConfigError("sampling.noise_level: this loss needs SDE rollouts (noise_level > 0) for its log-probs")
     return sources
+
+
+def read_sources(specs) -> list[list[PromptRecord]]:
+    """The records of every configured source; a bad file is reported under its `data.sources[i]` key."""
+    out = []
+    for i, src in enumerate(specs):
+        try:
+            out.append(read_source(src.path, src.format, src.task))
+        except DataError as e:
+            raise ConfigError(f"data.sources[{i}]: {e}") from None
+    return out
 
 
 def _check_task(cfg, i: int, path: str, r: PromptRecord) -> None:

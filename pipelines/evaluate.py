@@ -22,22 +22,15 @@ from actors.resources import check_cluster_resources
 from actors.reward import RewardPools
 from actors.sampler import Sampler
 from flowopd.config import ConfigError, EvalConfig, load_config
-from flowopd.data import DataError, read_source
+from flowopd.data import DataError
 from flowopd.models import check_adapter_fits
-from flowopd.preflight import check_reward_specs
+from flowopd.preflight import check_reward_specs, read_sources
 from flowopd.tiny import ensure_tiny_assets
 from pipelines.launch import init_ray
 
 
 def load_prompts(cfg: EvalConfig):
-    records = []
-    for i, src in enumerate(cfg.data.sources):
-        try:
-            recs = read_source(src.path, src.format, src.task)
-        except DataError as e:
-            raise ConfigError(f"data.sources[{i}]: {e}") from None
-        records += recs[:cfg.data.max_prompts_per_source]
-    return records
+    return [r for recs in read_sources(cfg.data.sources) for r in recs[:cfg.data.max_prompts_per_source]]
 
 
 def preflight_eval(cfg: EvalConfig):
