@@ -22,6 +22,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .flow import cfg_velocity
+
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 STUDENT = "default"  # peft saves the "default" adapter as a plain adapter directory
@@ -179,7 +181,6 @@ def load_lora_state(model: PeftModel, state: dict) -> None:
 def velocity(model, latents, sigma, embeds, pooled, neg_embeds=None, neg_pooled=None, guidance=1.0,
              autocast_dtype=None):
     """Model velocity at (latents, sigma) with classifier-free guidance in one batched forward."""
-    from .flow import cfg_velocity
     use_cfg = guidance != 1.0 and neg_embeds is not None
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
     x, t, e, p = latents, sigma * 1000, embeds, pooled
