@@ -7,6 +7,9 @@ from pathlib import Path
 from .base import Reward, RewardError
 
 BUILTIN = {
+    "world_composition": "rewards.world:WorldComposition",
+    "world_text": "rewards.world:GlyphText",
+    "world_style": "rewards.world:Vividness",
     "brightness": "rewards.simple:Brightness",
     "color": "rewards.simple:TargetColor",
     "contrast": "rewards.simple:Contrast",

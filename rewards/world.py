@@ -1,0 +1,118 @@
+"""Exact verifiers for the one-machine world of flowopd/world.py: a programmatic shape-and-colour detector
+(scored with GenEval's rules), a glyph reader for the bitmap font (scored with the OCR rule), and the
+style score (mean saturation)."""
+import numpy as np
+
+from flowopd.world import FONT, PALETTE, glyph
+
+from .base import Reward
+from .geneval import evaluate
+from .ocr import ocr_score
+
+INK_DISTANCE = 60  # a pixel within this RGB distance of a palette colour belongs to a shape
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean mask, as arrays of (y, x)."""
+    seen = np.zeros_like(mask)
+    out = []
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        stack, pixels = [(y, x)], []
+        seen[y, x] = True
+        while stack:
+            cy, cx = stack.pop()
+            pixels.append((cy, cx))
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        out.append(np.asarray(pixels))
+    return out
+
+
+def detect_shapes(image: np.ndarray, min_area: int = 12) -> dict[str, list]:
+    """{shape: [(box, confidence 1.0, colour), ...]} left to right."""
+    img = image.astype(np.float64)
+    names = list(PALETTE)
+    dist = np.stack([np.linalg.norm(img - np.asarray(PALETTE[c]), axis=-1) for c in names])
+    nearest, ink = dist.argmin(0), dist.min(0) < INK_DISTANCE
+    objects: dict[str, list] = {}
+    for ci, color in enumerate(names):
+        for comp in _components(ink & (nearest == ci)):
+            if len(comp) < min_area:
+                continue
+            (y0, x0), (y1, x1) = comp.min(0), comp.max(0) + 1
+            fill = len(comp) / ((y1 - y0) * (x1 - x0))
+            shape = "square" if fill > 0.9 else ("circle" if fill > 0.68 else "triangle")
+            objects.setdefault(shape, []).append(([float(x0), float(y0), float(x1), float(y1)], 1.0, color))
+    return {k: sorted(v, key=lambda o: o[0][0]) for k, v in objects.items()}
+
+
+def detected_colors(cls: str, found: list) -> list[str]:
+    return [o[2] for o in found]
+
+
+class WorldComposition(Reward):
+    """GenEval's rules on the programmatic detector: partial credit and strict accuracy."""
+
+    outputs = ("composition", "composition_strict")
+
+    def score(self, images, prompts, metadata):
+        partial, strict = [], []
+        for image, meta in zip(images, metadata):
+            p, s, _ = evaluate(detect_shapes(image), meta, detected_colors)
+            partial.append(p)
+            strict.append(s)
+        return {"composition": np.asarray(partial), "composition_strict": np.asarray(strict)}
+
+
+def read_glyphs(image: np.ndarray, max_mismatch: float = 0.2) -> str:
+    """Read the bitmap-font text: split dark ink into column runs, match each against every glyph."""
+    ink = (image.astype(np.int32).max(-1) < 100)
+    cols = ink.any(0)
+    text, x = [], 0
+    templates = {ch: glyph(ch) for ch in FONT}
+    while x < len(cols):
+        if not cols[x]:
+            x += 1
+            continue
+        end = x
+        while end < len(cols) and cols[end]:
+            end += 1
+        rows = np.nonzero(ink[:, x:end].any(1))[0]
+        crop = ink[rows[0]:rows[-1] + 1, x:end]
+        best, err = "?", 1.0
+        for ch, t in templates.items():
+            if crop.shape == t.shape:
+                e = float((crop != t).mean())
+                if e < err:
+                    best, err = ch, e
+        text.append(best if err <= max_mismatch else "?")
+        x = end
+    return "".join(text)
+
+
+class GlyphText(Reward):
+    """The OCR rule on the glyph reader's output."""
+
+    outputs = ("text", "text_exact")
+
+    def score(self, images, prompts, metadata):
+        s = np.asarray([ocr_score(read_glyphs(im), m["text"]) for im, m in zip(images, metadata)])
+        return {"text": s, "text_exact": (s == 1.0).astype(np.float64)}
+
+
+class Vividness(Reward):
+    """Mean HSV saturation: the preference-like style score (hackable by saturating everything)."""
+
+    outputs = ("style",)
+
+    def score(self, images, prompts, metadata):
+        img = images.astype(np.float64)
+        mx, mn = img.max(-1), img.min(-1)
+        sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-9), 0.0)
+        return {"style": sat.mean(axis=(1, 2))}
+
+
