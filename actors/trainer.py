@@ -1,6 +1,7 @@
 """What every training job's driver shares: actors, the on-policy rollout stream, checkpoints, metrics."""
 import json
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from .learner import LearnerGroup
 from .rollout import RolloutWorker
 
 
-class Trainer:
+class Trainer(ABC):
     """Subclasses start their own services (teachers, rewards) and implement `train_step`."""
 
     name = "train"
@@ -108,8 +109,9 @@ class Trainer:
         bar.close()
         return history
 
+    @abstractmethod
     def train_step(self) -> dict:
-        raise NotImplementedError
+        """One on-policy step; returns its metrics line."""
 
     def rollouts(self, records, step: int, decode: bool = False):
         """Start every worker on its share of the prompts with the current weights; yield (prompt ids,

@@ -1,4 +1,6 @@
 """The reward interface and the checks applied to every reward's output."""
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 
@@ -6,7 +8,7 @@ class RewardError(RuntimeError):
     """A reward misbehaved (wrong output shape, exception); the message names the reward."""
 
 
-class Reward:
+class Reward(ABC):
     """Subclass and implement `score`. `outputs` names the arrays returned; outputs[0] is the training reward.
 
     Rewards that are not thread-safe (OCR engines, OpenCV) need nothing special: each actor serves one
@@ -15,8 +17,9 @@ class Reward:
 
     outputs: tuple[str, ...] = ("score",)
 
+    @abstractmethod
     def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Per-image float arrays, one per name in `outputs`."""
 
     def __call__(self, images, prompts, metadata) -> dict[str, np.ndarray]:
         return self.score(images, prompts, metadata)
