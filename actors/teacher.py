@@ -64,9 +64,6 @@ class TeacherPools:
                 for _ in range(pc.replicas)]
             self._next[pool_name] = 0
 
-    def wait_ready(self) -> None:
-        ray.get([r.ping.remote() for rs in self.replicas.values() for r in rs])
-
     def query(self, teacher: str, x: np.ndarray, sigma: np.ndarray, prompt_idx: np.ndarray, text_ref) -> list:
         """Split a teacher's states into one chunk per replica (round robin); returns (slice, ref) pairs."""
         pool = self.pool_of[teacher]

@@ -121,13 +121,17 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(3, gt=0)
 
 
-class JobConfig(Strict):
-    """What every training job has: a base model, a student LoRA, rollouts, a learner group, data."""
+class RunConfig(Strict):
+    """What every job has: a seed, where it writes, which cluster, and the base model."""
     seed: int = 0
     output_dir: str
     ray_address: str | None = None
     tiny_assets: str | None = None
     model: ModelConfig
+
+
+class JobConfig(RunConfig):
+    """What every training job has besides: a student LoRA, rollouts, a learner group, data."""
     student: StudentConfig = StudentConfig()
     sampling: SamplingConfig = SamplingConfig()
     data: DataConfig
@@ -234,13 +238,8 @@ class EvalData(Strict):
     max_prompts_per_source: int | None = Field(None, gt=0)
 
 
-class EvalConfig(Strict):
+class EvalConfig(RunConfig):
     """Score models on held-out prompts with fixed seeds: every model sees the same noise per prompt."""
-    seed: int = 0
-    output_dir: str
-    ray_address: str | None = None
-    tiny_assets: str | None = None
-    model: ModelConfig
     models: dict[str, EvalModel] = Field(min_length=1)
     data: EvalData
     samples_per_prompt: int = Field(4, gt=0)
