@@ -29,18 +29,6 @@ class GRPOTrainer(Trainer):
         """What to export: the EMA weights when EMA is on, else the student's."""
         return self.ema if self.ema is not None else self.lora
 
-    def combine(self, scores: dict, tasks: np.ndarray) -> np.ndarray:
-        """The training reward: sum over rewards of weight x primary output, over the rewards that apply to
-        each image's task; NaN where an applicable reward gave NaN (those samples are excluded)."""
-        total = np.zeros(len(tasks))
-        for spec in self.cfg.rewards:
-            applies = np.asarray([spec.applies_to(t) for t in tasks])
-            if not applies.any():
-                continue
-            primary = next(iter(scores[spec.key].values()))
-            total[applies] += spec.weight * primary[applies]
-        return total
-
     def train_step(self) -> dict:
         cfg = self.cfg
         step = self.step_done + 1
@@ -63,8 +51,8 @@ class GRPOTrainer(Trainer):
             n_samples += len(recs)
         t_score = time.perf_counter()
         tasks, groups = np.asarray(tasks), np.concatenate(groups)
-        merged = {k: {o: np.concatenate([s[k][o] for s in scores]) for o in scores[0][k]} for k in scores[0]}
-        reward = self.combine(merged, tasks)
+        merged = RewardPools.merge(scores, [len(q[2]) for q in queued])
+        reward = self.rewards.combine(merged, tasks)
         adv = group_advantages(reward, groups, cfg.grpo.adv_clip)
         keep_sample = informative_groups(adv, groups)
         batch = concat_rollouts(parts, extra=("state_sample",))

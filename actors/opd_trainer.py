@@ -4,6 +4,7 @@ import time
 import numpy as np
 import ray
 
+from .reward import RewardPools
 from .teacher import TeacherPools
 from .trainer import Trainer, concat_rollouts, select_states
 
@@ -14,7 +15,8 @@ class OPDTrainer(Trainer):
 
     def start_services(self) -> list:
         self.pools = TeacherPools(self.cfg)
-        return [r for rs in self.pools.replicas.values() for r in rs]
+        self.monitor = RewardPools(self.cfg.monitor) if self.cfg.monitor else None
+        return [r for rs in self.pools.replicas.values() for r in rs] + (self.monitor.actors() if self.monitor else [])
 
     def label(self, ro: dict, tasks: list[str]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
         """Targets from the routed teacher for every state, and from the MAR teacher for all of them.
@@ -44,13 +46,18 @@ class OPDTrainer(Trainer):
         t0 = time.perf_counter()
         records = self.sampler.draw(cfg.data.prompts_per_step)
         version = self.step_done
-        parts = []
-        for ids, ro in self.rollouts(records, step):  # label each worker's states as soon as they arrive
+        parts, scoring = [], []
+        for ids, ro in self.rollouts(records, step, decode=self.monitor is not None):  # label as they arrive
             tasks = [records[i].task for i in ids]
+            if self.monitor is not None:
+                recs = [records[i] for i in ids[ro["sample_prompt"]]]
+                scoring.append((recs, self.monitor.submit(ro["images"], [r.prompt for r in recs],
+                                                          [r.metadata for r in recs], [r.task for r in recs])))
             v_task, v_mar, teacher_idx, _ = self.label(ro, tasks)
             parts.append(dict(ro, v_task=v_task, v_mar=v_mar, teacher=teacher_idx, n_prompts=len(ids),
                               task=np.asarray([tasks[p] for p in ro["prompt_idx"]])))
         t_label = time.perf_counter()
+        monitored = self.monitored_rewards(scoring)
         batch = concat_rollouts(parts, extra=("task", "teacher"))
         n_all = len(batch["x"])
         finite = np.isfinite(batch["v_task"]).reshape(n_all, -1).all(1)
@@ -61,8 +68,20 @@ class OPDTrainer(Trainer):
         results = self.learn(batch)
         self.step_done = step
         queries = n_all * (1 + (batch["v_mar"] is not None))
-        return self._metrics(step, version, results, batch, tasks, teachers, n_all - int(finite.sum()), queries,
-                             self.timings(t0, t_label))
+        m = self._metrics(step, version, results, batch, tasks, teachers, n_all - int(finite.sum()), queries,
+                          self.timings(t0, t_label))
+        return {**m, **monitored}
+
+    def monitored_rewards(self, scoring: list) -> dict:
+        """Mean monitor reward per task on this step's rollouts (the same statistic GRPO logs)."""
+        if not scoring:
+            return {}
+        tasks = np.asarray([r.task for recs, _ in scoring for r in recs])
+        reward = np.concatenate([self.monitor.combine(RewardPools.collect(jobs, len(recs)),
+                                                      np.asarray([r.task for r in recs]))
+                                 for recs, jobs in scoring])
+        return {"reward_per_task": {k: float(np.nanmean(reward[tasks == k])) for k in sorted(set(tasks))
+                                    if np.isfinite(reward[tasks == k]).any()}}
 
     def _metrics(self, step, version, results, batch, tasks, teachers, nonfinite, queries, t) -> dict:
         cfg = self.cfg

@@ -52,6 +52,29 @@ class RewardPools:
                                                              [metadata[i] for i in sel])))
         return jobs
 
+    def combine(self, scores: dict, tasks: np.ndarray) -> np.ndarray:
+        """The training reward: sum over rewards of weight x primary output, over the rewards that apply to
+        each image's task; NaN where an applicable reward gave NaN (those samples are excluded)."""
+        total = np.zeros(len(tasks))
+        for spec in self.specs:
+            applies = np.asarray([spec.applies_to(t) for t in tasks])
+            if not applies.any():
+                continue
+            primary = next(iter(scores[spec.key].values()))
+            total[applies] += spec.weight * primary[applies]
+        return total
+
+    @staticmethod
+    def merge(parts: list[dict], sizes: list[int]) -> dict[str, dict[str, np.ndarray]]:
+        """Concatenate `collect` results of consecutive image batches; a reward absent from a batch (none of
+        its images had a task it applies to) is NaN there. Output order (primary first) is kept."""
+        names: dict[str, dict[str, None]] = {}
+        for part in parts:
+            for key, outs in part.items():
+                names.setdefault(key, {}).update(dict.fromkeys(outs))
+        return {key: {o: np.concatenate([part.get(key, {}).get(o, np.full(n, np.nan)) for part, n in zip(parts, sizes)])
+                      for o in outs} for key, outs in names.items()}
+
     @staticmethod
     def collect(jobs: list, n: int) -> dict[str, dict[str, np.ndarray]]:
         """{reward: {output: per-image array}}, NaN where a reward does not apply to an image's task."""

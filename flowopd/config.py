@@ -147,38 +147,6 @@ class JobConfig(RunConfig):
         return self.student.base or self.model.base
 
 
-class OPDConfig(JobConfig):
-    teachers: dict[str, TeacherConfig] = Field(min_length=1)
-    route: dict[str, str] = Field(min_length=1)
-    mar: MarConfig = MarConfig()
-    pools: dict[str, PoolConfig] = {"default": PoolConfig()}
-    loss: LossConfig = LossConfig()
-
-    def needs_transitions(self) -> bool:
-        return self.loss.form == "policy_gradient"
-
-    @model_validator(mode="after")
-    def _references(self):
-        for task, name in self.route.items():
-            if name not in self.teachers:
-                raise ValueError(f"route.{task}: teacher {name!r} is not defined under `teachers` "
-                                 f"(defined: {sorted(self.teachers)})")
-        if self.mar.teacher is not None and self.mar.teacher not in self.teachers:
-            raise ValueError(f"mar.teacher: {self.mar.teacher!r} is not defined under `teachers`")
-        for name, t in self.teachers.items():
-            if t.pool not in self.pools:
-                raise ValueError(f"teachers.{name}.pool: pool {t.pool!r} is not defined under `pools`")
-        return self
-
-    def teacher_guidance(self, name: str) -> float:
-        g = self.teachers[name].guidance
-        return self.sampling.guidance if g is None else g
-
-    def used_teachers(self) -> list[str]:
-        names = set(self.route.values()) | ({self.mar.teacher} if self.mar.teacher else set())
-        return sorted(names)
-
-
 class RewardSpec(Resources):
     """A reward actor pool: `name` is a built-in, `module:Class`, `file.py:Class` or an entry point."""
     name: str
@@ -196,6 +164,42 @@ class RewardSpec(Resources):
 
     def applies_to(self, task: str) -> bool:
         return self.tasks is None or task in self.tasks
+
+
+class OPDConfig(JobConfig):
+    teachers: dict[str, TeacherConfig] = Field(min_length=1)
+    route: dict[str, str] = Field(min_length=1)
+    mar: MarConfig = MarConfig()
+    pools: dict[str, PoolConfig] = {"default": PoolConfig()}
+    loss: LossConfig = LossConfig()
+    monitor: list[RewardSpec] = []  # scored on the student's rollouts for reward curves; never in the loss
+
+    def needs_transitions(self) -> bool:
+        return self.loss.form == "policy_gradient"
+
+    @model_validator(mode="after")
+    def _references(self):
+        for task, name in self.route.items():
+            if name not in self.teachers:
+                raise ValueError(f"route.{task}: teacher {name!r} is not defined under `teachers` "
+                                 f"(defined: {sorted(self.teachers)})")
+        if self.mar.teacher is not None and self.mar.teacher not in self.teachers:
+            raise ValueError(f"mar.teacher: {self.mar.teacher!r} is not defined under `teachers`")
+        keys = [r.key for r in self.monitor]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"monitor: labels must be unique, got {keys} (set `label`)")
+        for name, t in self.teachers.items():
+            if t.pool not in self.pools:
+                raise ValueError(f"teachers.{name}.pool: pool {t.pool!r} is not defined under `pools`")
+        return self
+
+    def teacher_guidance(self, name: str) -> float:
+        g = self.teachers[name].guidance
+        return self.sampling.guidance if g is None else g
+
+    def used_teachers(self) -> list[str]:
+        names = set(self.route.values()) | ({self.mar.teacher} if self.mar.teacher else set())
+        return sorted(names)
 
 
 class GRPOSettings(Strict):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 
@@ -60,29 +59,44 @@ def read_txt(path: Path, task: str, ocr: bool = False) -> list[PromptRecord]:
     return out
 
 
-def read_table(path: Path, task: str | None, fmt: str) -> list[PromptRecord]:
-    """Parquet or JSONL tables with a `prompt` column, a `task` column (or the source's task) and
-    optionally `metadata` (a struct or a JSON string)."""
+def _table_record(row: dict, task: str | None, where: str) -> PromptRecord:
+    meta = row.get("metadata") or {}
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    t = row.get("task") or task
+    if not isinstance(row.get("prompt"), str) or not t:
+        raise DataError(f"{where} lacks a string 'prompt' or a task (a 'task' field, or `task` on the source)")
+    return PromptRecord(row["prompt"], t, meta)
+
+
+def read_jsonl(path: Path, task: str | None) -> list[PromptRecord]:
+    """JSON lines with `prompt`, `task` (or the source's task) and any `metadata` (read with the json
+    module: metadata may mix types, e.g. GenEval's ["left of", 0])."""
+    out = []
+    for i, line in _lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object")
+        out.append(_table_record(row, task, f"{path}:{i}"))
+    return out
+
+
+def read_parquet(path: Path, task: str | None) -> list[PromptRecord]:
+    """A Parquet table with a `prompt` column, a `task` column (or the source's task) and optionally
+    `metadata` (a struct or a JSON string)."""
     try:
-        table = pq.read_table(path) if fmt == "parquet" else pajson.read_json(path)
+        table = pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read as {fmt}: {e}") from None
+        raise DataError(f"{path}: cannot read as parquet: {e}") from None
     cols = table.column_names
     if "prompt" not in cols:
         raise DataError(f"{path}: no 'prompt' column (columns: {cols})")
     if "task" not in cols and task is None:
         raise DataError(f"{path}: no 'task' column and no `task` given for this source")
-    rows = table.to_pylist()
-    out = []
-    for i, row in enumerate(rows, 1):
-        meta = row.get("metadata") or {}
-        if isinstance(meta, str):
-            meta = json.loads(meta)
-        t = row.get("task") or task
-        if not isinstance(row["prompt"], str) or not t:
-            raise DataError(f"{path}: row {i} lacks a prompt or a task")
-        out.append(PromptRecord(row["prompt"], t, meta))
-    return out
+    return [_table_record(row, task, f"{path}: row {i}") for i, row in enumerate(table.to_pylist(), 1)]
 
 
 def read_source(path: str, fmt: str, task: str | None) -> list[PromptRecord]:
@@ -97,8 +111,10 @@ def read_source(path: str, fmt: str, task: str | None) -> list[PromptRecord]:
         records = read_geneval(p, task)
     elif fmt in ("ocr", "pickscore", "txt"):
         records = read_txt(p, task, ocr=fmt == "ocr")
+    elif fmt == "jsonl":
+        records = read_jsonl(p, task)
     else:
-        records = read_table(p, task, fmt)
+        records = read_parquet(p, task)
     if not records:
         raise DataError(f"prompt file {p} holds no prompts")
     return records

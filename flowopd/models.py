@@ -67,6 +67,14 @@ PRESETS = {
              "clip_dims": (32, 32), "t5_dim": 32, "text_layers": 2,
              "vae": {"latent_channels": 4, "block_out_channels": (8, 16), "layers_per_block": 1,
                      "norm_num_groups": 4}},
+    # The one-machine world (issue 6): 32 px images, 16x16x4 latents, 3 layers; trained by flowopd.world_model.
+    "world": {"transformer": {"sample_size": 16, "patch_size": 2, "in_channels": 4, "out_channels": 4,
+                              "num_layers": 3, "attention_head_dim": 32, "num_attention_heads": 3,
+                              "joint_attention_dim": 32, "caption_projection_dim": 96,
+                              "pooled_projection_dim": 64, "pos_embed_max_size": 16},
+              "clip_dims": (32, 32), "t5_dim": 32, "text_layers": 2, "clip_max_length": 48,
+              "vae": {"latent_channels": 4, "block_out_channels": (16, 32), "layers_per_block": 1,
+                      "norm_num_groups": 8}},
     # The SD3.5-Medium MMDiT (2.24 B parameters) for GPU benchmarks; small random text encoders with the
     # real output widths (CLIP-L 768 + CLIP-G 1280 pooled, T5 4096), which run once per prompt.
     "sd35m": {"transformer": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
@@ -92,7 +100,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_ove
     for c in chars:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=spec.get("clip_max_length", 77))
     t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     t5_vocab += [("\u2581" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars]
     t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
@@ -101,7 +109,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_ove
     def clip(dim):
         return CLIPTextModelWithProjection(CLIPTextConfig(
             hidden_size=dim, intermediate_size=2 * dim, num_attention_heads=2, num_hidden_layers=layers,
-            vocab_size=len(vocab), max_position_embeddings=77, projection_dim=dim, bos_token_id=0,
+            vocab_size=len(vocab), max_position_embeddings=spec.get("clip_max_length", 77), projection_dim=dim, bos_token_id=0,
             eos_token_id=1, pad_token_id=1))
 
     t5_dim = spec["t5_dim"]

@@ -114,3 +114,33 @@ def render(record: dict, rng: np.random.Generator | None = None) -> np.ndarray:
     if record["task"] == "style":
         img[(img == 255).all(-1)] = (255, 160, 200)  # the style's preferred vivid background
     return img
+
+
+def render_imperfect(record: dict, rng: np.random.Generator) -> np.ndarray:
+    """A plausible mistake for the record: the base model's training data holds these so that it leaves
+    headroom on every task (wrong count, colour or shape, mirrored relation, wrong or missing glyph,
+    plain background for a vivid request)."""
+    meta = record["metadata"]
+    if record["task"] == "text":
+        text = list(meta["text"])
+        i = int(rng.integers(len(text)))
+        if rng.random() < 0.5 and len(text) > 1:
+            del text[i]
+        else:
+            text[i] = str(rng.choice([c for c in FONT if c != text[i]]))
+        return render({**record, "metadata": {"text": "".join(text)}}, rng)
+    if record["task"] == "style" and rng.random() < 0.6:
+        return render({**record, "task": "composition"}, rng)
+    if meta.get("tag") == "position" and rng.random() < 0.5:
+        return render(record, rng)[:, ::-1].copy()
+    include = [dict(req) for req in meta["include"]]
+    req = include[int(rng.integers(len(include)))]
+    kind = rng.integers(3)
+    if kind == 0:
+        req["color"] = str(rng.choice([c for c in PALETTE if c != req["color"]]))
+    elif kind == 1:
+        req["class"] = str(rng.choice([s for s in SHAPES if s != req["class"]]))
+    else:
+        step = 1 if req["count"] == 1 else (-1 if req["count"] == 3 else int(rng.choice([-1, 1])))
+        req["count"] += step
+    return render({**record, "metadata": {**meta, "include": include}}, rng)

@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -23,7 +24,7 @@ from actors.resources import check_cluster_resources
 from flowopd.checkpoint import write_json_atomic
 from flowopd.config import ColdStartConfig, ConfigError, EvalConfig, GRPOConfig, OPDConfig, apply_overrides, validate
 from flowopd.data import DataError
-from flowopd.preflight import preflight
+from flowopd.preflight import preflight, read_sources
 from flowopd.tiny import ensure_tiny_assets
 from pipelines.cold_start import run_merge
 from pipelines.evaluate import evaluate, preflight_eval
@@ -123,6 +124,15 @@ class Recipe:
     def finish(self, stage: str, summary: dict) -> None:
         write_json_atomic(self.out / stage / "DONE.json", summary)
 
+    def check_data(self) -> None:
+        """Read every stage's prompt files now, so a bad file fails the job before the first stage runs."""
+        for stage, cfg in self.stages.items():
+            if hasattr(cfg, "data") and not self.done(stage):
+                try:
+                    read_sources(cfg.data.sources)
+                except ConfigError as e:
+                    raise ConfigError(f"recipe stage {stage}: {e}") from None
+
     def run(self, progress: bool = True) -> dict:
         init_ray(self.raw.get("ray_address"))
         for stage, cfg in self.stages.items():
@@ -130,8 +140,9 @@ class Recipe:
                 print(f"[recipe] {stage}: finished earlier, skipped", file=sys.stderr)
                 continue
             print(f"[recipe] {stage}: running", file=sys.stderr)
+            started = time.time()
             summary = self.run_stage(stage, cfg, progress)
-            self.finish(stage, summary)
+            self.finish(stage, {**summary, "minutes": round((time.time() - started) / 60, 2)})
         return json.loads((self.out / "evaluate" / "summary.json").read_text())
 
     def run_stage(self, stage: str, cfg, progress: bool) -> dict:
@@ -165,6 +176,7 @@ def main(argv=None) -> int:
         if raw.get("tiny_assets"):
             ensure_tiny_assets(raw["tiny_assets"])
         recipe = Recipe(raw)
+        recipe.check_data()
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,8 +45,12 @@ def test_parquet_and_jsonl_tables(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"prompt": "c", "metadata": {"k": 1}}\n')
     (r,) = read_source(str(tmp_path / "t.jsonl"), "jsonl", "z")
     assert r == PromptRecord("c", "z") and r.metadata == {"k": 1}
-    with pytest.raises(DataError, match="no 'task' column"):
+    with pytest.raises(DataError, match=r"t\.jsonl:1 lacks .* a task"):
         read_source(str(tmp_path / "t.jsonl"), "jsonl", None)
+    mixed = {"prompt": "d", "task": "g", "metadata": {"include": [{"position": ["left of", 0]}]}}
+    (tmp_path / "m.jsonl").write_text(json.dumps(mixed) + "\n")
+    (r,) = read_source(str(tmp_path / "m.jsonl"), "jsonl", None)
+    assert r.metadata == mixed["metadata"]
 
 
 def test_empty_and_missing_files(tmp_path):

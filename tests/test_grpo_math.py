@@ -79,3 +79,13 @@ def test_reward_outputs_are_checked():
     with pytest.raises(RewardError, match="reward 'r' returned list"):
         check_outputs("r", [1, 2, 3], 3)
     assert np.isnan(check_outputs("r", {"s": [1, np.nan, 2]}, 3)["s"][1])
+
+
+def test_merging_worker_scores_where_a_worker_had_no_prompt_of_a_task():
+    from actors.reward import RewardPools
+    a = {"comp": {"comp": np.array([0.5, 1.0]), "strict": np.array([0.0, 1.0])}}
+    b = {"style": {"style": np.array([0.3])}}
+    merged = RewardPools.merge([a, b], [2, 1])
+    assert list(merged["comp"]) == ["comp", "strict"]
+    np.testing.assert_array_equal(merged["comp"]["comp"], [0.5, 1.0, np.nan])
+    np.testing.assert_array_equal(merged["style"]["style"], [np.nan, np.nan, 0.3])

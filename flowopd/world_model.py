@@ -1,0 +1,136 @@
+"""The world's base model (issue 6): the "world" preset of the real SD3 classes, trained on one CPU.
+
+Two phases, both plain PyTorch: the VAE learns to reconstruct 32 px renderings (its latent statistics
+then set the pipeline's shift and scaling factors), and the transformer learns them by rectified-flow
+matching with SD3's logit-normal timestep density and prompt dropout for classifier-free guidance.
+The training images mix exact renderings with controlled mistakes (`world.render_imperfect`), so the
+base model is decent but leaves headroom on every task.
+"""
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import world
+from .models import encode_prompts
+
+MAX_SEQUENCE_LENGTH = 40
+TASKS = ("composition", "text", "style")
+
+
+def world_records(seed: int = 0) -> dict[str, tuple[list[dict], list[dict]]]:
+    """{task: (train, test)}: whole prompts held out, so test combinations are never seen in training."""
+    grammar = {"composition": world.composition_prompts(), "text": world.text_prompts(),
+               "style": world.style_prompts()}
+    return {task: world.split(records, seed=seed) for task, records in grammar.items()}
+
+
+def write_prompt_files(root: Path, seed: int = 0) -> dict[str, Path]:
+    """world_<task>_<split>.jsonl with prompt, task and metadata, readable by `format: jsonl` sources."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for task, parts in world_records(seed).items():
+        for name, records in zip(("train", "test"), parts):
+            path = paths[f"{task}_{name}"] = root / f"world_{task}_{name}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return paths
+
+
+def training_images(records: list[dict], per_task: int, imperfect: float, seed: int):
+    """(prompts, uint8 images): `per_task` renderings of each task, spread evenly over its prompts (so a
+    task with few prompts is not drowned out), a fraction `imperfect` of them wrong."""
+    rng = np.random.default_rng(seed)
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    prompts, images = [], []
+    for recs in by_task.values():
+        for i in range(per_task):
+            record = recs[i % len(recs)]
+            wrong = rng.random() < imperfect
+            images.append(world.render_imperfect(record, rng) if wrong else world.render(record, rng))
+            prompts.append(record["prompt"])
+    return prompts, np.stack(images)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _schedule(opt, steps: int, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(i, steps) / steps)))
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, seed: int,
+              log: Callable[[int, float], None] = lambda i, loss: None) -> float:
+    """L1 reconstruction (ink pixels weigh 10x the white background, or small shapes lose their colour)
+    + a small KL, then set shift/scaling so latents have zero mean and unit variance.
+    Returns the final mean absolute reconstruction error in pixel levels (0-255)."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = to_pixels(images)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = _schedule(opt, steps, warmup=max(1, steps // 20))
+    for i in range(steps):
+        x = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=g)).sample
+        ink = 1 + 9 * (x < 0.95).any(1, keepdim=True).float()
+        loss = (ink * (recon - x).abs()).mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        log(i, loss.item())
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(pixels[j:j + 256]).latent_dist.mode() for j in range(0, len(pixels), 256)])
+        vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+        recon = torch.cat([vae.decode(z[j:j + 256]).sample for j in range(0, min(len(z), 1024), 256)])
+    return float((recon.clamp(-1, 1) - pixels[:len(recon)]).abs().mean() * 127.5)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
+    pixels = to_pixels(images)
+    z = torch.cat([vae.encode(pixels[j:j + 256]).latent_dist.mode() for j in range(0, len(pixels), 256)])
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, batch_size: int, lr: float,
+                      seed: int, cond_dropout: float = 0.1,
+                      log: Callable[[int, float], None] = lambda i, loss: None) -> float:
+    """Rectified flow: x_s = (1 - s) x0 + s eps, target eps - x0, s = sigmoid(N(0, 1)) as in SD3.
+    Returns the mean loss over the last tenth of the steps."""
+    g = torch.Generator().manual_seed(seed)
+    latents = encode_latents(pipe.vae, images)
+    unique = sorted(set(prompts)) + [""]
+    embeds, pooled = encode_prompts(pipe, unique, MAX_SEQUENCE_LENGTH)
+    index = {p: i for i, p in enumerate(unique)}
+    prompt_ids = torch.tensor([index[p] for p in prompts])
+    model = pipe.transformer.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = _schedule(opt, steps, warmup=max(1, steps // 20))
+    tail = []
+    for i in range(steps):
+        idx = torch.randint(len(latents), (batch_size,), generator=g)
+        x0, ids = latents[idx], prompt_ids[idx].clone()
+        ids[torch.rand(batch_size, generator=g) < cond_dropout] = len(unique) - 1
+        noise = torch.randn(x0.shape, generator=g)
+        s = torch.sigmoid(torch.randn(batch_size, generator=g)).view(-1, 1, 1, 1)
+        v = model(hidden_states=(1 - s) * x0 + s * noise, timestep=s.flatten() * 1000,
+                  encoder_hidden_states=embeds[ids], pooled_projections=pooled[ids], return_dict=False)[0]
+        loss = ((v - (noise - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        log(i, loss.item())
+        if i >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+    model.eval().requires_grad_(False)
+    return float(np.mean(tail))

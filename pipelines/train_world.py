@@ -1,0 +1,72 @@
+"""Train the world's base model and write its prompt files (issue 6); the shipped assets/world/ came from
+
+    python -m pipelines.train_world --output assets/world
+
+The VAE and then the transformer of a "world"-preset SD3 pipeline learn renderings of the training
+prompts (a fraction of them deliberately wrong), on CPU in about half an hour on 2 cores. The output is
+a diffusers pipeline directory (safetensors) in <output>/base, prompt files world_<task>_<split>.jsonl,
+and train_world.json with the settings and final losses. An existing output is never overwritten.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flowopd.models import build_random_pipeline, quiet_libraries
+from flowopd.world_model import train_transformer, train_vae, training_images, world_records, write_prompt_files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", default="assets/world")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-task", type=int, default=4000, help="renderings per task")
+    ap.add_argument("--imperfect", type=float, default=0.3, help="fraction of renderings that are wrong")
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=4000, help="transformer steps")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--force", action="store_true", help="replace an existing <output>/base")
+    args = ap.parse_args(argv)
+    out = Path(args.output)
+    if (out / "base").exists() and not args.force:
+        print(f"error: {out / 'base'} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    quiet_libraries()
+    torch.manual_seed(args.seed)
+    records = [r for train, _ in world_records(args.seed).values() for r in train]
+    prompts, images = training_images(records, args.per_task, args.imperfect, args.seed)
+    print(f"[train_world] {len(records)} training prompts, {len(images)} renderings", file=sys.stderr)
+    pipe = build_random_pipeline("world", args.seed)
+    started = time.time()
+
+    def bar(name, steps):
+        progress = tqdm(total=steps, desc=name, mininterval=5)
+        return lambda i, loss: (progress.update(1), progress.set_postfix(loss=f"{loss:.4f}", refresh=False))
+
+    recon = train_vae(pipe.vae, images, args.vae_steps, 32, 2e-3, args.seed, bar("vae", args.vae_steps))
+    loss = train_transformer(pipe, prompts, images, args.steps, args.batch_size, args.lr, args.seed,
+                             log=bar("transformer", args.steps))
+    tmp = out / ".base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if (out / "base").exists():
+        shutil.rmtree(out / "base")
+    os.replace(tmp, out / "base")
+    write_prompt_files(out, args.seed)
+    report = {**vars(args), "training_prompts": len(records), "renderings": len(images),
+              "vae_reconstruction_error_levels": recon, "final_flow_loss": loss,
+              "minutes": (time.time() - started) / 60}
+    (out / "train_world.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The shipped world base model (assets/world) and the command that reproduces it."""
+import json
+
+import numpy as np
+import torch
+
+from flowopd.models import load_pipeline, quiet_libraries
+from flowopd.world import render, render_imperfect
+from flowopd.world_model import world_records
+from pipelines import train_world
+from rewards import make_reward
+from tests.conftest import ROOT
+
+ASSETS = ROOT / "assets" / "world"
+REWARDS = {"composition": make_reward("world_composition"), "text": make_reward("world_text"),
+           "style": make_reward("world_style")}
+
+
+def _records(task: str, split: str = "test") -> list[dict]:
+    return [json.loads(line) for line in (ASSETS / f"world_{task}_{split}.jsonl").read_text().splitlines()]
+
+
+def _score(task, images, records):
+    return REWARDS[task](images, [r["prompt"] for r in records], [r["metadata"] for r in records])
+
+
+def test_shipped_prompt_files_are_the_grammar_split():
+    for task, (train, test) in world_records().items():
+        assert _records(task, "train") == train and _records(task, "test") == test
+        assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+
+
+def test_shipped_vae_keeps_ground_truth_exact():
+    """Held-out ground truth, encoded and decoded by the shipped VAE, still scores as ground truth."""
+    quiet_libraries()
+    vae = load_pipeline(str(ASSETS / "base")).vae
+    for task in ("composition", "text"):
+        recs = _records(task)
+        gt = np.stack([render(r, np.random.default_rng(i)) for i, r in enumerate(recs)])
+        with torch.no_grad():
+            x = torch.from_numpy(gt).permute(0, 3, 1, 2).float() / 127.5 - 1
+            y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        recon = ((y / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        strict = next(v for k, v in _score(task, recon, recs).items() if k.endswith(("strict", "exact")))
+        assert strict.mean() >= 0.9, (task, strict.mean())
+
+
+def test_imperfect_renderings_score_lower():
+    rng = np.random.default_rng(0)
+    for task, key in (("composition", "composition"), ("text", "text")):
+        recs = _records(task, "train")[:40]
+        exact = _score(task, np.stack([render(r, rng) for r in recs]), recs)[key]
+        wrong = _score(task, np.stack([render_imperfect(r, rng) for r in recs]), recs)[key]
+        assert exact.mean() == 1.0 and wrong.mean() < 0.8, (task, wrong.mean())
+
+
+def test_train_world_writes_a_loadable_model_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "world"
+    args = ["--output", str(out), "--per-task", "3", "--vae-steps", "2", "--steps", "2", "--batch-size", "8"]
+    assert train_world.main(args) == 0
+    report = json.loads((out / "train_world.json").read_text())
+    assert report["renderings"] == 9 and report["training_prompts"] > 300
+    pipe = load_pipeline(str(out / "base"))
+    assert pipe.transformer.config.sample_size == 16 and pipe.vae.config.scaling_factor != 1.5305
+    stamp = (out / "base" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert train_world.main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "base" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
