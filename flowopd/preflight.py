@@ -30,7 +30,7 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
         check_reward_specs(cfg.rewards)
     else:
         _check_teachers(cfg, base, tcfg)
-        check_reward_specs(cfg.monitor)
+        check_reward_specs(getattr(cfg, "monitor", []))
     sources = read_sources(cfg.data.sources)
     for i, (src, records) in enumerate(zip(cfg.data.sources, sources)):
         for r in records:

@@ -30,7 +30,8 @@ REACHES = 0.95  # "reaches the teacher": at least this fraction of the teacher's
 
 
 def shorten(raw: dict, steps: int) -> dict:
-    """--quick: every training stage runs `steps` steps; evaluation uses few prompts and steps."""
+    """--quick: every training stage runs `steps` small steps on one worker and one rank; evaluation uses
+    few prompts and sampling steps. A smoke test of every stage, not a result."""
     def walk(node):
         if isinstance(node, dict):
             if isinstance(node.get("train"), dict):
@@ -38,6 +39,11 @@ def shorten(raw: dict, steps: int) -> dict:
             for v in node.values():
                 walk(v)
     walk(raw)
+    d = raw.setdefault("defaults", {})
+    d.setdefault("rollout", {})["workers"] = 1
+    d.setdefault("learner", {})["ranks"] = 1
+    d.setdefault("data", {}).update(prompts_per_step=3, group_size=4)
+    d.setdefault("sampling", {})["num_steps"] = 6
     ev = raw.setdefault("evaluate", {})
     ev.setdefault("data", {})["max_prompts_per_source"] = 3
     ev["samples_per_prompt"] = 1
@@ -77,6 +83,10 @@ def findings(recipe: Recipe, tasks: list[str], rows: dict) -> list[str]:
             teacher = route.get(task)
             if teacher in rows:
                 t, s = rows[teacher][task], rows["opd"][task]
+                if "base" in rows:
+                    b = rows["base"][task]
+                    lines.append(f"* {task}: {teacher} {t:.3f} vs base {b:.3f} ({t - b:+.3f}): stage 1 "
+                                 f"{'improved' if t > b else 'did not improve'} the base on its own task.")
                 verdict = "reaches" if s >= REACHES * t else "does not reach"
                 lines.append(f"* {task}: OPD {s:.3f} vs {teacher} {t:.3f}: {verdict} the teacher "
                              f"({s / t:.0%} of its score; 'reaches' means at least {REACHES:.0%}).")
@@ -158,8 +168,9 @@ def stage_times(recipe: Recipe, minutes: float) -> str:
         if done.exists() and "minutes" in (d := json.loads(done.read_text())):
             times[stage] = d["minutes"]
     parts = ", ".join(f"{s} {m:.1f}" for s, m in times.items())
-    return (f"Minutes per stage: {parts} (sum {sum(times.values()):.1f}). This invocation: {minutes:.1f} min "
-            f"(stages finished by an earlier invocation are skipped).")
+    per_stage = f"Minutes per stage: {parts} (sum {sum(times.values()):.1f}). " if times else ""
+    return (f"{per_stage}This invocation: {minutes:.1f} min (stages finished by an earlier invocation are "
+            f"skipped).")
 
 
 def write_report(recipe: Recipe, minutes: float) -> Path:

@@ -3,8 +3,11 @@ cluster and the report holds a Table-2 row per model, the training curves and th
 import json
 
 import numpy as np
+import yaml
 
 from pipelines import demo
+from pipelines.recipe import Recipe
+from tests.conftest import ROOT
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
@@ -27,3 +30,10 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     opd = [json.loads(line) for line in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["reward_per_task"] and set(m["reward_per_task"]) <= {"composition", "text", "style"} for m in opd)
     assert "report:" in capsys.readouterr().out
+
+
+def test_shipped_demo_configs_validate_and_their_prompt_files_read():
+    for name in ("demo.yaml", "demo_gpu.yaml"):
+        recipe = Recipe(yaml.safe_load((ROOT / "configs" / name).read_text()))
+        recipe.check_data()
+        assert set(recipe.stages["opd"].route) == {"composition", "text", "style"}, name
