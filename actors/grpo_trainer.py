@@ -84,8 +84,7 @@ class GRPOTrainer(Trainer):
         m = {"step": step, "policy_version": version, "samples": len(reward), "states": n_states,
              "nonfinite_rewards": int((~finite).sum()), "time": t, "states_per_s": n_states / t["total"],
              "reward_mean": float(np.nanmean(reward)) if finite.any() else float("nan"),
-             "reward_per_task": {k: float(np.nanmean(reward[tasks == k])) for k in sorted(set(tasks))
-                                 if np.isfinite(reward[tasks == k]).any()},
+             "reward_per_task": RewardPools.mean_per_task(reward, tasks),
              "rewards": {k: {o: float(np.nanmean(v)) for o, v in outs.items() if np.isfinite(v).any()}
                          for k, outs in scores.items()},
              "groups_kept": f"{len(np.unique(groups[keep]))}/{len(np.unique(groups))}",

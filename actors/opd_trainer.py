@@ -77,11 +77,9 @@ class OPDTrainer(Trainer):
         if not scoring:
             return {}
         tasks = np.asarray([r.task for recs, _ in scoring for r in recs])
-        reward = np.concatenate([self.monitor.combine(RewardPools.collect(jobs, len(recs)),
-                                                      np.asarray([r.task for r in recs]))
-                                 for recs, jobs in scoring])
-        return {"reward_per_task": {k: float(np.nanmean(reward[tasks == k])) for k in sorted(set(tasks))
-                                    if np.isfinite(reward[tasks == k]).any()}}
+        scores = RewardPools.merge([RewardPools.collect(jobs, len(recs)) for recs, jobs in scoring],
+                                   [len(recs) for recs, _ in scoring])
+        return {"reward_per_task": RewardPools.mean_per_task(self.monitor.combine(scores, tasks), tasks)}
 
     def _metrics(self, step, version, results, batch, tasks, teachers, nonfinite, queries, t) -> dict:
         cfg = self.cfg

@@ -65,6 +65,12 @@ class RewardPools:
         return total
 
     @staticmethod
+    def mean_per_task(reward: np.ndarray, tasks: np.ndarray) -> dict[str, float]:
+        """Mean reward of each task's images (tasks whose rewards are all NaN are left out)."""
+        return {k: float(np.nanmean(reward[tasks == k])) for k in sorted(set(tasks))
+                if np.isfinite(reward[tasks == k]).any()}
+
+    @staticmethod
     def merge(parts: list[dict], sizes: list[int]) -> dict[str, dict[str, np.ndarray]]:
         """Concatenate `collect` results of consecutive image batches; a reward absent from a batch (none of
         its images had a task it applies to) is NaN there. Output order (primary first) is kept."""

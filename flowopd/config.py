@@ -166,6 +166,12 @@ class RewardSpec(Resources):
         return self.tasks is None or task in self.tasks
 
 
+def check_unique_labels(field: str, specs: list[RewardSpec]) -> None:
+    keys = [r.key for r in specs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{field}: labels must be unique, got {keys} (set `label`)")
+
+
 class OPDConfig(JobConfig):
     teachers: dict[str, TeacherConfig] = Field(min_length=1)
     route: dict[str, str] = Field(min_length=1)
@@ -185,9 +191,7 @@ class OPDConfig(JobConfig):
                                  f"(defined: {sorted(self.teachers)})")
         if self.mar.teacher is not None and self.mar.teacher not in self.teachers:
             raise ValueError(f"mar.teacher: {self.mar.teacher!r} is not defined under `teachers`")
-        keys = [r.key for r in self.monitor]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"monitor: labels must be unique, got {keys} (set `label`)")
+        check_unique_labels("monitor", self.monitor)
         for name, t in self.teachers.items():
             if t.pool not in self.pools:
                 raise ValueError(f"teachers.{name}.pool: pool {t.pool!r} is not defined under `pools`")
@@ -219,9 +223,7 @@ class GRPOConfig(JobConfig):
 
     @model_validator(mode="after")
     def _unique_labels(self):
-        keys = [r.key for r in self.rewards]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"rewards: labels must be unique, got {keys} (set `label`)")
+        check_unique_labels("rewards", self.rewards)
         return self
 
 

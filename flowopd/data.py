@@ -25,15 +25,24 @@ def _lines(path: Path):
             yield i, line.strip()
 
 
-def read_geneval(path: Path, task: str) -> list[PromptRecord]:
-    """Flow-GRPO GenEval metadata JSONL: one object per line with `prompt`, `tag`, `include`, ..."""
-    out = []
+def _json_objects(path: Path):
+    """(line number, object) for each JSON line, parsed with the json module (metadata may mix types,
+    e.g. GenEval's ["left of", 0])."""
     for i, line in _lines(path):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object")
+        yield i, obj
+
+
+def read_geneval(path: Path, task: str) -> list[PromptRecord]:
+    """Flow-GRPO GenEval metadata JSONL: one object per line with `prompt`, `tag`, `include`, ..."""
+    out = []
+    for i, obj in _json_objects(path):
+        if not isinstance(obj.get("prompt"), str):
             raise DataError(f"{path}:{i}: expected an object with a string field 'prompt'")
         out.append(PromptRecord(obj["prompt"], task, {k: v for k, v in obj.items() if k != "prompt"}))
     return out
@@ -70,18 +79,8 @@ def _table_record(row: dict, task: str | None, where: str) -> PromptRecord:
 
 
 def read_jsonl(path: Path, task: str | None) -> list[PromptRecord]:
-    """JSON lines with `prompt`, `task` (or the source's task) and any `metadata` (read with the json
-    module: metadata may mix types, e.g. GenEval's ["left of", 0])."""
-    out = []
-    for i, line in _lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object")
-        out.append(_table_record(row, task, f"{path}:{i}"))
-    return out
+    """JSON lines with `prompt`, `task` (or the source's task) and any `metadata`."""
+    return [_table_record(row, task, f"{path}:{i}") for i, row in _json_objects(path)]
 
 
 def read_parquet(path: Path, task: str | None) -> list[PromptRecord]:

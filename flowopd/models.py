@@ -100,7 +100,8 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_ove
     for c in chars:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=spec.get("clip_max_length", 77))
+    clip_len = spec.get("clip_max_length", 77)
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=clip_len)
     t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     t5_vocab += [("\u2581" + c, -1.0) for c in chars] + [(c, -2.0) for c in chars]
     t5_tok = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
@@ -109,7 +110,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_ove
     def clip(dim):
         return CLIPTextModelWithProjection(CLIPTextConfig(
             hidden_size=dim, intermediate_size=2 * dim, num_attention_heads=2, num_hidden_layers=layers,
-            vocab_size=len(vocab), max_position_embeddings=spec.get("clip_max_length", 77), projection_dim=dim, bos_token_id=0,
+            vocab_size=len(vocab), max_position_embeddings=clip_len, projection_dim=dim, bos_token_id=0,
             eos_token_id=1, pad_token_id=1))
 
     t5_dim = spec["t5_dim"]

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw
 
-from flowopd.config import ConfigError, apply_overrides
+from flowopd.config import ConfigError
 from flowopd.data import DataError
-from pipelines.recipe import Recipe
+from pipelines.recipe import Recipe, load_recipe
 
 ROWS = ("base", "grpo_mix", "cold_start", "opd_without_mar", "opd")  # teachers go after base
 REACHES = 0.95  # "reaches the teacher": at least this fraction of the teacher's score on its own task
@@ -205,14 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the recipe file")
     args = ap.parse_intermixed_args(argv)
     try:
-        path = Path(args.config)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if args.quick:
-            raw = shorten(raw, 2)
-        recipe = Recipe(apply_overrides(raw, args.overrides))
-        recipe.check_data()
+        recipe = load_recipe(args.config, args.overrides, (lambda raw: shorten(raw, 2)) if args.quick else None)
         base = Path(recipe.defaults.get("model", {}).get("base", ""))
         if not base.exists():
             raise ConfigError(f"defaults.model.base: {base} does not exist (the world model ships in "

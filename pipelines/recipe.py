@@ -162,6 +162,21 @@ class Recipe:
                      finish=lambda tr: export_adapter(tr, dest))
 
 
+def load_recipe(config: str, overrides: list[str], edit=None) -> Recipe:
+    """The recipe file with `edit` (a function of the raw dict) and key=value overrides applied, validated,
+    tiny assets created when named, and every stage's prompt files read."""
+    path = Path(config)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw = apply_overrides(edit(raw) if edit else raw, overrides)
+    if raw.get("tiny_assets"):
+        ensure_tiny_assets(raw["tiny_assets"])
+    recipe = Recipe(raw)
+    recipe.check_data()
+    return recipe
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -169,14 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the recipe file")
     args = ap.parse_intermixed_args(argv)
     try:
-        path = Path(args.config)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, args.overrides)
-        if raw.get("tiny_assets"):
-            ensure_tiny_assets(raw["tiny_assets"])
-        recipe = Recipe(raw)
-        recipe.check_data()
+        recipe = load_recipe(args.config, args.overrides)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
