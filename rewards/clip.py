@@ -1,5 +1,5 @@
-"""CLIP-family scorers loaded from local directories through transformers: CLIP score, PickScore (a CLIP
-model fine-tuned on human preferences) and the LAION aesthetic predictor (CLIP ViT-L/14 + an MLP head)."""
+"""CLIP-family scorers loaded from local directories through transformers: CLIP score, PickScore and HPS v2.1
+(CLIP models fine-tuned on human preferences) and the LAION aesthetic predictor (CLIP ViT-L/14 + an MLP head)."""
 import numpy as np
 import torch
 from PIL import Image
@@ -10,6 +10,22 @@ from .base import Reward
 def _device(device: str) -> torch.device:
     return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                         ("cpu" if device == "auto" else device))
+
+
+def preference_mlp(dim: int) -> torch.nn.Sequential:
+    """The improved-aesthetic-predictor head (linear layers only, dropouts at eval), shared by the LAION
+    aesthetic predictor and ImageReward; state-dict keys {0,2,4,6,7}.{weight,bias}."""
+    drop = torch.nn.Dropout(0.0)
+    return torch.nn.Sequential(torch.nn.Linear(dim, 1024), drop, torch.nn.Linear(1024, 128), drop,
+                               torch.nn.Linear(128, 64), drop, torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a torch pickle read with weights_only (no code runs on load)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class CLIPScore(Reward):
@@ -56,6 +72,13 @@ class PickScore(CLIPScore):
     scale = True
 
 
+class HPSv2(CLIPScore):
+    """HPS v2.1: cosine(image, prompt) of the preference-tuned open_clip ViT-H-14, the rule of hpsv2's
+    `score`. `path` is a transformers directory made by `python -m rewards.convert hpsv2`."""
+
+    outputs = ("hpsv2",)
+
+
 class Aesthetic(CLIPScore):
     """LAION aesthetic predictor v2: an MLP on normalised CLIP ViT-L/14 image embeddings. `head` is the
     MLP's state dict file (.pth or .safetensors, keys layers.{0,2,4,6,7}.{weight,bias})."""
@@ -64,17 +87,8 @@ class Aesthetic(CLIPScore):
 
     def __init__(self, path: str, head: str, device: str = "auto", batch_size: int = 32):
         super().__init__(path, device, batch_size)
-        dim = self.model.config.projection_dim
-        drop = torch.nn.Dropout(0.0)
-        self.head = torch.nn.Sequential(torch.nn.Linear(dim, 1024), drop, torch.nn.Linear(1024, 128), drop,
-                                        torch.nn.Linear(128, 64), drop, torch.nn.Linear(64, 16),
-                                        torch.nn.Linear(16, 1))
-        if head.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(head)
-        else:
-            state = torch.load(head, map_location="cpu", weights_only=True)
-        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        self.head = preference_mlp(self.model.config.projection_dim)
+        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in load_state_dict(head).items()})
         self.head.to(self.device).eval()
 
     @torch.no_grad()

@@ -19,6 +19,8 @@ BUILTIN = {
     "clip_score": "rewards.clip:CLIPScore",
     "pickscore": "rewards.clip:PickScore",
     "aesthetic": "rewards.clip:Aesthetic",
+    "hpsv2": "rewards.clip:HPSv2",
+    "imagereward": "rewards.imagereward:ImageReward",
     "reward_server": "rewards.remote:RewardServer",
     "chat_judge": "rewards.remote:ChatJudge",
 }

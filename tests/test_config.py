@@ -25,6 +25,9 @@ def test_shipped_configs_validate():
         cfg = load_config(f"configs/{name}", cls=GRPOConfig)
         check_reward_specs(cfg.rewards)
     assert load_config("configs/tiny_eval.yaml", cls=EvalConfig).sampling.num_steps == 40
+    quality = load_config("configs/sd35m_eval_quality.yaml", cls=EvalConfig)
+    check_reward_specs(quality.rewards)
+    assert {r.name for r in quality.rewards} >= {"imagereward", "hpsv2", "aesthetic"}
 
 
 def test_overrides(tiny_assets, tmp_path):
