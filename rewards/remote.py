@@ -37,6 +37,7 @@ Instruction: {prompt}
 <InstructionScore>Y</InstructionScore>
 <OverallScore>Z</OverallScore>"""
 QWENVL_SCORES = {"overall": "OverallScore", "quality": "QualityScore", "instruction": "InstructionScore"}
+XML_SCORE = r"<{tag}>\s*([-+]?\d+(?:\.\d+)?)\s*</{tag}>"
 
 
 def encode_image(image: np.ndarray, fmt: str = "JPEG", quality: int = 95) -> bytes:
@@ -102,15 +103,25 @@ class RewardServer(_Remote):
 
 class ChatJudge(_Remote):
     """A VLM judge behind an OpenAI-compatible /chat/completions endpoint: one request per image (sent
-    concurrently) with `template` (which may use {prompt}); each output is the number inside its XML tag.
+    concurrently) with `template` (which may use {prompt}). `scores` maps each output to a tag, and `pattern`
+    (where {tag} stands for it) finds the number, its first group, in the answer: by default inside an XML
+    tag; judges that answer "Final Score: 3.5" (UnifiedReward) use `pattern: "{tag}:\\s*([-+]?[0-9.]+)"`.
     Defaults: the paper's Qwen-VL score prompt and its three scores."""
 
     def __init__(self, url: str, model: str, template: str = QWENVL_TEMPLATE, scores: dict | None = None,
-                 max_tokens: int = 1024, temperature: float = 0.0, concurrency: int = 8, **kw):
+                 pattern: str = XML_SCORE, max_tokens: int = 1024, temperature: float = 0.0, concurrency: int = 8,
+                 **kw):
         super().__init__(url, **kw)
         self.model, self.template, self.max_tokens, self.temperature = model, template, max_tokens, temperature
-        self.tags = dict(scores or QWENVL_SCORES)
-        self.outputs = tuple(self.tags)
+        self.patterns = {}
+        for name, tag in dict(scores or QWENVL_SCORES).items():
+            try:
+                self.patterns[name] = re.compile(pattern.replace("{tag}", re.escape(tag)))
+            except re.error as e:
+                raise RewardError(f"chat_judge: pattern {pattern!r} is not a regular expression: {e}") from None
+            if self.patterns[name].groups < 1:
+                raise RewardError(f"chat_judge: pattern {pattern!r} has no group to capture the score")
+        self.outputs = tuple(self.patterns)
         self.concurrency = concurrency
 
     def _ask(self, image: np.ndarray, prompt: str) -> dict:
@@ -123,11 +134,12 @@ class ChatJudge(_Remote):
         r.raise_for_status()
         text = r.json()["choices"][0]["message"]["content"]
         out = {}
-        for name, tag in self.tags.items():
-            m = re.search(rf"<{tag}>\s*([-+]?\d+(?:\.\d+)?)\s*</{tag}>", text)
-            if m is None:
-                raise ValueError(f"no <{tag}> score in the answer: {text[:200]!r}")
-            out[name] = float(m.group(1))
+        for name, regex in self.patterns.items():
+            m = regex.search(text)
+            try:
+                out[name] = float(m.group(1))
+            except (AttributeError, TypeError, ValueError):
+                raise ValueError(f"no {name} score matching {regex.pattern!r} in the answer: {text[:200]!r}") from None
         return out
 
     def score(self, images, prompts, metadata):

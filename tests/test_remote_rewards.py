@@ -61,6 +61,12 @@ def _app() -> FastAPI:
                    f"</OverallScore>")
         return {"choices": [{"message": {"role": "assistant", "content": content}}]}
 
+    @app.post("/unified/v1/chat/completions")
+    async def unified(body: dict):
+        good = "cat" in body["messages"][0]["content"][1]["text"]
+        return {"choices": [{"message": {"role": "assistant",
+                                         "content": f"Alignment: fine.\nFinal Score: {3.5 if good else 2}"}}]}
+
     @app.post("/mute/v1/chat/completions")
     async def mute(body: dict):
         return {"choices": [{"message": {"role": "assistant", "content": "I cannot score this."}}]}
@@ -112,5 +118,17 @@ def test_chat_judge_parses_the_papers_scores(url):
     assert out["quality"].tolist() == [4, 4]
     mute = make_reward("chat_judge", {"url": f"{url}/mute/v1/chat/completions", "model": "m", "retries": 1,
                                       "backoff": 0.01})
-    with pytest.raises(RewardError, match=r"/mute/v1/chat/completions failed after 2 attempts: .*no <OverallScore>"):
+    with pytest.raises(RewardError, match=r"/mute/v1/chat/completions failed after 2 attempts: .*no overall score .*OverallScore"):
         mute(IMAGES[:1], ["a cat"], [{}])
+
+
+def test_chat_judge_with_its_own_answer_format(url):
+    unified = make_reward("chat_judge", {"url": f"{url}/unified/v1/chat/completions", "model": "unifiedreward",
+                                         "template": "Caption: {prompt}. Rate the image.",
+                                         "scores": {"unifiedreward": "Final Score"},
+                                         "pattern": r"{tag}:\s*([-+]?[0-9.]+)"})
+    assert unified(IMAGES[:2], ["a cat", "a dog"], [{}, {}])["unifiedreward"].tolist() == [3.5, 2]
+    with pytest.raises(RewardError, match="no group"):
+        make_reward("chat_judge", {"url": url, "model": "m", "pattern": "{tag}"})
+    with pytest.raises(RewardError, match="not a regular expression"):
+        make_reward("chat_judge", {"url": url, "model": "m", "pattern": "({tag}"})
