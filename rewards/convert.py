@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from .clip import load_state_dict
 from .imagereward import DEFAULT_SETTINGS, SETTINGS, WEIGHTS, ImageRewardModel
 
 
@@ -30,14 +32,14 @@ class ConversionError(ValueError):
 
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a torch pickle (tensors only, no code runs), unwrapped from {"state_dict": ...} and
+    """A state dict (safetensors, or a torch pickle with tensors only), unwrapped from {"state_dict": ...} and
     DataParallel's "module." prefix."""
     p = Path(path)
     if not p.is_file():
         raise ConversionError(f"checkpoint {p} does not exist")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        state = load_state_dict(str(p))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, SafetensorError) as e:
         raise ConversionError(f"checkpoint {p} is not a loadable torch state dict: {e}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -115,7 +117,8 @@ def blip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def blip_config(state: dict[str, torch.Tensor], vision_heads: int, text_heads: int):
-    """BlipConfig read off the converted tensor shapes; heads are not visible in shapes, so they are given."""
+    """BlipConfig read off the converted tensor shapes (BlipConfig sets the cross-attention width to the
+    vision width); heads are not visible in shapes, so they are given."""
     from transformers import BlipConfig
     try:
         pos = state["vision_model.embeddings.position_embedding"]
@@ -130,7 +133,7 @@ def blip_config(state: dict[str, torch.Tensor], vision_heads: int, text_heads: i
                 "max_position_embeddings": state["text_encoder.embeddings.position_embeddings.weight"].shape[0],
                 "intermediate_size": state["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
                 "num_hidden_layers": _count(state, r"text_encoder\.encoder\.layer\.(\d+)\."),
-                "encoder_hidden_size": pos.shape[-1], "num_attention_heads": text_heads,
+                "num_attention_heads": text_heads,
                 "layer_norm_eps": 1e-12, "hidden_act": "gelu", "pad_token_id": 0, "is_decoder": True}
     except KeyError as e:
         raise ConversionError(f"ImageReward checkpoint has no {e.args[0]} (after renaming)") from None
