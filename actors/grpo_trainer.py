@@ -1,10 +1,10 @@
 """The Flow-GRPO step loop (stage 1 and GRPO-Mix): rollout -> reward actors -> group advantages -> DDP
-learn over the trained steps -> weight sync; optional EMA of the LoRA weights."""
+learn over the trained steps -> weight sync; Flow-GRPO's EMA of the LoRA weights for export."""
 import time
 
 import numpy as np
 
-from flowopd.grpo import group_advantages, informative_groups
+from flowopd.grpo import ema_update, group_advantages, informative_groups
 
 from .reward import RewardPools
 from .trainer import Trainer, concat_rollouts, select_states
@@ -17,6 +17,7 @@ class GRPOTrainer(Trainer):
     def start_services(self) -> list:
         self.rewards = RewardPools(self.cfg.rewards)
         self.ema = None
+        self.opt_steps = 0
         return self.rewards.actors()
 
     def extra_adapters(self) -> dict:
@@ -24,6 +25,19 @@ class GRPOTrainer(Trainer):
 
     def load_extra_adapters(self, adapters: dict) -> None:
         self.ema = adapters.get("ema")
+
+    def extra_state(self) -> dict:
+        return {"optimizer_steps": self.opt_steps}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.opt_steps = state.get("optimizer_steps", 0)
+
+    def _optimizer_step_done(self) -> None:
+        """Count the optimizer step; every `ema_every` of them, fold the new weights into the EMA."""
+        g = self.cfg.grpo
+        self.opt_steps += 1
+        if g.ema_decay and self.opt_steps % g.ema_every == 0:
+            self.ema = ema_update(self.ema, self.lora, self.opt_steps, g.ema_decay)
 
     def final_adapter(self) -> dict:
         """What to export: the EMA weights when EMA is on, else the student's."""
@@ -35,6 +49,8 @@ class GRPOTrainer(Trainer):
         t0 = time.perf_counter()
         version = self.step_done
         records = self.sampler.draw(cfg.data.prompts_per_step)
+        if cfg.grpo.ema_decay and self.ema is None:  # the EMA starts from the initial weights
+            self.ema = {k: v.copy() for k, v in self.lora.items()}
         queued = []
         for ids, ro in self.rollouts(records, step, decode=True):  # score while other workers still sample
             recs = [records[i] for i in ids[ro["sample_prompt"]]]
@@ -65,13 +81,10 @@ class GRPOTrainer(Trainer):
             sel = kept[np.isin(state_sample[kept], mb_samples)]
             res = self.learn(select_states(batch, sel)) if len(sel) else None
             if res is not None:
+                self._optimizer_step_done()
                 if first_ratio_dev is None:  # on-policy: exactly 1 up to float noise
                     first_ratio_dev = max(float(np.abs(r["ratio"] - 1).max()) for r in res)
                 results.extend(res)
-        if cfg.grpo.ema_decay and step % cfg.grpo.ema_every == 0:
-            d = cfg.grpo.ema_decay
-            self.ema = {k: (v.copy() if self.ema is None else d * self.ema[k] + (1 - d) * v)
-                        for k, v in self.lora.items()}
         self.step_done = step
         m = self._metrics(step, version, results, merged, tasks, reward, adv, keep_sample, groups, len(kept),
                           self.timings(t0, t_score))
@@ -87,7 +100,7 @@ class GRPOTrainer(Trainer):
              "reward_per_task": RewardPools.mean_per_task(reward, tasks),
              "rewards": {k: {o: float(np.nanmean(v)) for o, v in outs.items() if np.isfinite(v).any()}
                          for k, outs in scores.items()},
-             "groups_kept": f"{len(np.unique(groups[keep]))}/{len(np.unique(groups))}",
+             "groups_kept": len(np.unique(groups[keep])), "groups": len(np.unique(groups)),
              "adv_abs_mean": float(np.nanmean(np.abs(adv))) if finite.any() else 0.0}
         if not results:
             m.update(loss=float("nan"), skipped=True)

@@ -13,6 +13,7 @@ from flowopd.checkpoint import CheckpointManager
 from flowopd.data import MixtureSampler
 from flowopd.learner import PER_STATE
 from flowopd.models import lora_config
+from flowopd.tracking import make_tracker
 
 from .learner import LearnerGroup
 from .rollout import RolloutWorker
@@ -62,6 +63,13 @@ class Trainer(ABC):
     def load_extra_adapters(self, adapters: dict) -> None:
         pass
 
+    def extra_state(self) -> dict:
+        """Further JSON-safe trainer state to checkpoint (e.g. an optimizer-step counter)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
     def resume(self) -> int:
         """Load the newest complete checkpoint, if any; returns the step it ended."""
         path = self.ckpt.latest()
@@ -71,6 +79,7 @@ class Trainer(ABC):
         self.learners.load_state(state["lora"], state["optimizer"])
         self.sampler.load_state(state["trainer_state"]["sampler"])
         self.load_extra_adapters(state["extra"])
+        self.load_extra_state(state["trainer_state"])
         self.step_done = state["trainer_state"]["step"]
         self.lora = state["lora"]
         self._truncate_metrics(self.step_done)
@@ -84,7 +93,8 @@ class Trainer(ABC):
     def save(self) -> Path:
         return self.ckpt.save(self.step_done, self.lora, self.lora_cfg, self.learners.optimizer_state(),
                               {"sampler": self.sampler.state(), "seed": self.cfg.seed,
-                               "config": self.cfg.model_dump(mode="json")}, self.extra_adapters())
+                               "config": self.cfg.model_dump(mode="json"), **self.extra_state()},
+                              self.extra_adapters())
 
     def shutdown(self) -> None:
         """Release every actor and the learners' placement group (the cluster keeps running)."""
@@ -97,16 +107,23 @@ class Trainer(ABC):
         history = []
         self._truncate_metrics(self.step_done)  # lines past the last checkpoint belong to a lost run
         bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=self.name, disable=not progress)
-        while self.step_done < cfg.train.steps:
-            m = self.train_step()
-            history.append(m)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            if self.step_done % cfg.train.checkpoint_every == 0 or self.step_done == cfg.train.steps:
-                self.save()
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4g}", states_s=f"{m['states_per_s']:.1f}")
-        bar.close()
+        tracker = make_tracker(cfg.logger, cfg.output_dir, self.step_done, cfg.model_dump(mode="json"))
+        try:
+            while self.step_done < cfg.train.steps:
+                m = self.train_step()
+                history.append(m)
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                if tracker is not None:
+                    tracker.log(m, m["step"])
+                if self.step_done % cfg.train.checkpoint_every == 0 or self.step_done == cfg.train.steps:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4g}", states_s=f"{m['states_per_s']:.1f}")
+        finally:
+            bar.close()
+            if tracker is not None:
+                tracker.close()
         return history
 
     @abstractmethod

@@ -4,26 +4,34 @@
     serve run deploy.serve:app_from_env                              # with FLOWOPD_SERVE_CONFIG=my.yaml
 
 Endpoints: GET /health, GET /v1/models, POST /v1/generate (JSON: prompt, model, num_images, steps,
-guidance, seed, size, format = "base64" | "png"), OpenAPI docs at /docs. Concurrent requests are batched
-per replica; every field is bounded by `limits`; with `api_key` set, /v1/* need `Authorization: Bearer`.
+guidance, seed, size, format = "base64" | "png"), OpenAPI docs at /docs listing every status each route
+answers. Concurrent requests are batched per replica and sampled off the event loop, so /health answers
+during a batch; request fields are strictly typed (no coercion, unknown keys rejected) and bounded by
+`limits`; with `api_key` set, /v1/* need `Authorization: Bearer`. Every local path in the config must
+exist at launch.
 """
 import argparse
+import asyncio
 import base64
 import io
 import os
 import secrets
 import sys
 import time
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from ray import serve
 
 from actors.sampler import Sampler
-from flowopd.config import EvalModel, EvalSampling, ModelConfig, Strict, load_config
+from flowopd.config import ConfigError, EvalModel, EvalSampling, ModelConfig, Strict, load_config
+from flowopd.hub import resolve_config
 
 
 class Limits(Strict):
@@ -55,11 +63,45 @@ class ServeConfig(Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else self.api_key
 
 
+class Error(BaseModel):
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationFailed(BaseModel):
+    """FastAPI's 422 body; the checks that need the loaded model (size, format) answer in the same shape."""
+    detail: list[FieldError]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    generating: int = Field(description="images the answering replica is sampling right now")
+
+
+class ModelList(BaseModel):
+    models: list[str]
+    default: str
+
+
+class Generated(BaseModel):
+    model: str
+    seeds: list[int]
+    images: list[str] = Field(description="base64 PNGs, one per seed")
+    seconds: float
+
+
 def request_model(cfg: ServeConfig, default_model: str) -> type[BaseModel]:
-    """The generate request, with bounds from the config (violations are 422s)."""
+    """The generate request, with bounds from the config. Strict, so `"seed": false` or `"steps": "4"` is a
+    422 rather than silently coerced, and an unknown (e.g. misspelt) key is a 422 rather than ignored."""
     lim = cfg.limits
     return create_model(
         "GenerateRequest",
+        __config__=ConfigDict(strict=True, extra="forbid"),
         prompt=(str, Field(min_length=1, max_length=lim.max_prompt_chars)),
         model=(str, default_model),
         num_images=(int, Field(1, ge=1, le=lim.max_images)),
@@ -71,63 +113,85 @@ def request_model(cfg: ServeConfig, default_model: str) -> type[BaseModel]:
     )
 
 
+def invalid(field: str, msg: str, value) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": msg, "input": value}])
+
+
 def build_app(cfg: ServeConfig):
     default_model = cfg.default_model or next(iter(cfg.models))
     if default_model not in cfg.models:
         raise ValueError(f"default_model: {default_model!r} is not under `models`")
     Request = request_model(cfg, default_model)
     api = FastAPI(title="Flow-OPD image generation", version="1")
+    bearer = HTTPBearer(auto_error=False, description="the server's API key (`api_key` or `api_key_env`)")
 
-    @serve.deployment(num_replicas=cfg.replicas,
+    def authorize(token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        """A dependency, so it runs before body validation: a caller without the key never sees a 422."""
+        key = cfg.key()
+        if key is None:
+            return
+        if token is None:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(token.credentials, key):
+            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+    keyed = cfg.api_key is not None or cfg.api_key_env is not None
+    auth = [Depends(authorize)] if keyed else []
+    unauthorized = {401: {"model": Error, "description": "missing or wrong `Authorization: Bearer <key>`"}} if keyed else {}
+    generate_answers = unauthorized | {
+        200: {"content": {"image/png": {}}, "description": "base64 PNGs with their seeds, or with format png "
+                                                           "one raw PNG (its seed in the X-Seed header)"},
+        400: {"model": Error, "description": "a body that cannot be decoded (not UTF-8)"},
+        404: {"model": Error, "description": "unknown model; GET /v1/models lists them"},
+        413: {"model": Error, "description": f"num_images x size^2 is over {cfg.limits.max_pixels} pixels"},
+        422: {"model": ValidationFailed, "description": "a missing, unknown, mistyped or out-of-bounds field, a "
+                                                        "size that is not a multiple of the model's patch, or "
+                                                        "format png with num_images above 1"},
+    }
+
+    # a full batch sampling, the next one filling, and room for /health and /v1/models beside them
+    @serve.deployment(num_replicas=cfg.replicas, max_ongoing_requests=2 * cfg.max_batch_size + 4,
                       ray_actor_options={"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus})
     @serve.ingress(api)
     class ImageService:
         def __init__(self):
-            self.key = cfg.key()
             models = {n: m.model_dump() for n, m in cfg.models.items()}
             self.sampler = Sampler(cfg.model, models, cfg.sampling, seed=0, batch_size=cfg.max_batch_size)
             self.patch = self.sampler.pipe.vae_scale_factor * self.sampler.pipe.transformer.config.patch_size
-
-        def _auth(self, authorization: str | None) -> None:
-            if self.key is None:
-                return
-            if not authorization or not authorization.startswith("Bearer "):
-                raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-            if not secrets.compare_digest(authorization.removeprefix("Bearer "), self.key):
-                raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+            self.generating = 0
 
         @api.get("/health")
-        def health(self) -> dict:
-            return {"status": "ok"}
+        def health(self) -> Health:
+            return Health(status="ok", generating=self.generating)
 
-        @api.get("/v1/models")
-        def models(self, authorization: str | None = Header(None)) -> dict:
-            self._auth(authorization)
-            return {"models": sorted(cfg.models), "default": default_model}
+        @api.get("/v1/models", dependencies=auth, responses=unauthorized)
+        def models(self) -> ModelList:
+            return ModelList(models=sorted(cfg.models), default=default_model)
 
-        @api.post("/v1/generate")
-        async def generate(self, req: Request, authorization: str | None = Header(None)):
-            self._auth(authorization)
+        @api.post("/v1/generate", dependencies=auth, response_model=Generated, responses=generate_answers)
+        async def generate(self, req: Request):
             if req.model not in cfg.models:
                 raise HTTPException(404, f"unknown model {req.model!r}; see /v1/models")
             if req.size % self.patch:
-                raise HTTPException(422, f"size must be a multiple of {self.patch}")
+                raise invalid("size", f"size must be a multiple of {self.patch}", req.size)
             if req.num_images * req.size ** 2 > cfg.limits.max_pixels:
                 raise HTTPException(413, f"num_images x size^2 exceeds {cfg.limits.max_pixels} pixels")
             if req.format == "png" and req.num_images != 1:
-                raise HTTPException(422, "format png returns one image: set num_images to 1 or use base64")
+                raise invalid("num_images", "format png returns one image: set num_images to 1 or use base64",
+                              req.num_images)
             seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "big")
             start = time.perf_counter()
             images = await self.batched(req.model_dump() | {"seed": seed})
             seeds = [seed + i for i in range(req.num_images)]
             if req.format == "png":
                 return Response(png(images[0]), media_type="image/png", headers={"X-Seed": str(seed)})
-            return {"model": req.model, "seeds": seeds, "images": [base64.b64encode(png(im)).decode() for im in images],
-                    "seconds": round(time.perf_counter() - start, 3)}
+            return Generated(model=req.model, seeds=seeds, images=[base64.b64encode(png(im)).decode() for im in images],
+                             seconds=round(time.perf_counter() - start, 3))
 
         @serve.batch(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_s)
         async def batched(self, reqs: list[dict]) -> list[np.ndarray]:
-            """Concurrent requests with the same model and settings run as one sampler batch."""
+            """Concurrent requests with the same model and settings run as one sampler batch, in a worker
+            thread so the event loop keeps answering (/health, new requests joining the next batch)."""
             out: list = [None] * len(reqs)
             groups: dict[tuple, list[int]] = {}
             for i, r in enumerate(reqs):
@@ -136,8 +200,12 @@ def build_app(cfg: ServeConfig):
                 prompts = [reqs[i]["prompt"] for i in idx for _ in range(reqs[i]["num_images"])]
                 # each image's noise depends only on its own seed (request seed + index), not on the batch
                 seeds = [reqs[i]["seed"] + k for i in idx for k in range(reqs[i]["num_images"])]
-                images = self.sampler.generate(model, prompts, seeds, steps=steps, guidance=guidance,
-                                               resolution=size, seed=0)
+                self.generating += len(prompts)
+                try:
+                    images = await asyncio.to_thread(self.sampler.generate, model, prompts, seeds, steps=steps,
+                                                     guidance=guidance, resolution=size, seed=0)
+                finally:
+                    self.generating -= len(prompts)
                 pos = 0
                 for i in idx:
                     n = reqs[i]["num_images"]
@@ -154,6 +222,15 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def check_paths(cfg: ServeConfig) -> None:
+    """Name every missing base or adapter before Ray starts, instead of a replica failing to load it."""
+    paths = {"model.base": cfg.model.base} | {f"models.{name}.{k}": path for name, m in cfg.models.items()
+                                              for k in ("adapter", "transformer") if (path := getattr(m, k))}
+    missing = [f"{key}: {path}" for key, path in paths.items() if not Path(path).exists()]
+    if missing:
+        raise ConfigError("these paths do not exist (train or export them first):\n  " + "\n  ".join(missing))
+
+
 def app_from_env():
     """Entry point for `serve run deploy.serve:app_from_env` (config path in FLOWOPD_SERVE_CONFIG)."""
     return build_app(load_config(os.environ["FLOWOPD_SERVE_CONFIG"], cls=ServeConfig))
@@ -164,7 +241,13 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
-    cfg = load_config(args.config, args.overrides, ServeConfig)
+    try:
+        cfg = load_config(args.config, args.overrides, ServeConfig)
+        resolve_config(cfg)
+        check_paths(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from pipelines.launch import init_ray
     init_ray(None)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})

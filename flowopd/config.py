@@ -5,7 +5,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .models import LORA_TARGETS
+# The paper's (and Flow-GRPO's) LoRA targets: every attention projection of both MMDiT streams.
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 
 
 class Strict(BaseModel):
@@ -113,12 +115,22 @@ class LossConfig(Strict):
     kl_weighting: Literal["exact", "released"] = "exact"
     clip_range: float | None = None
     train_cfg: bool = True
+    detach_uncond: bool = False  # the released Flow-OPD loss keeps the unconditional branch's gradient
 
 
 class TrainConfig(Strict):
     steps: int = Field(100, gt=0)
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
+
+
+class LoggerConfig(Strict):
+    """An experiment tracker beside metrics.jsonl (which is always written)."""
+    backend: Literal["jsonl", "tensorboard", "wandb", "mlflow"] = "jsonl"
+    dir: str | None = None  # TensorBoard: <dir>/<run_name> (default <output_dir>/tensorboard)
+    project: str = "flow-opd"  # wandb project / MLflow experiment
+    run_name: str | None = None  # default: the output directory's name
+    tracking_uri: str | None = None  # MLflow
 
 
 class RunConfig(Strict):
@@ -128,6 +140,7 @@ class RunConfig(Strict):
     ray_address: str | None = None
     tiny_assets: str | None = None
     model: ModelConfig
+    logger: LoggerConfig = LoggerConfig()
 
 
 class JobConfig(RunConfig):
@@ -211,15 +224,35 @@ class GRPOSettings(Strict):
     clip_range: float = Field(1e-4, gt=0)
     adv_clip: float = Field(5.0, gt=0)
     minibatches: int = Field(1, gt=0)
-    ema_decay: float | None = Field(None, gt=0, lt=1)
+    detach_uncond: bool = True  # Flow-GRPO's policy: no gradient through the unconditional CFG branch
+    # Flow-GRPO's EMA of the exported weights: decay min((1+s)/(10+s), ema_decay) at optimizer step s,
+    # applied every `ema_every` optimizer steps, starting from the initial weights; null turns it off
+    ema_decay: float | None = Field(0.9, gt=0, lt=1)
     ema_every: int = Field(8, gt=0)
+
+
+class GRPOData(DataConfig):
+    prompts_per_step: int = Field(24, gt=0)  # x group_size 24 = Flow-GRPO's 576 samples per optimizer step
+
+
+class GRPOLearner(LearnerConfig):
+    lr: float = Field(3e-4, gt=0)  # Flow-GRPO's LoRA learning rate (OPD's default is 1e-4)
+
+
+MIN_SAMPLES_PER_UPDATE = 256  # below this a GRPO update on a sparse reward is mostly noise
 
 
 class GRPOConfig(JobConfig):
     """Stage 1 (one reward: a teacher) or GRPO-Mix (several rewards, weighted sum or alternating data)."""
     rewards: list[RewardSpec] = Field(min_length=1)
     grpo: GRPOSettings = GRPOSettings()
+    data: GRPOData
+    learner: GRPOLearner = GRPOLearner()
     export_dir: str | None = None
+
+    def samples_per_update(self) -> float:
+        """Samples behind each optimizer step (Flow-GRPO: 576)."""
+        return self.data.prompts_per_step * self.data.group_size / self.grpo.minibatches
 
     @model_validator(mode="after")
     def _unique_labels(self):
@@ -248,11 +281,30 @@ class EvalConfig(RunConfig):
     """Score models on held-out prompts with fixed seeds: every model sees the same noise per prompt."""
     models: dict[str, EvalModel] = Field(min_length=1)
     data: EvalData
-    samples_per_prompt: int = Field(4, gt=0)
+    # one count for every task, or {task: count} (tasks with few prompts need more seeds for a tight CI)
+    samples_per_prompt: int | dict[str, int] = 4
     sampling: EvalSampling = EvalSampling()
     rewards: list[RewardSpec] = Field(min_length=1)
     rollout: RolloutConfig = RolloutConfig()
     grid_images: int = Field(16, gt=0)
+    # an earlier evaluation's directory: models whose weights and settings match it are not sampled again
+    reuse: str | None = None
+
+    @model_validator(mode="after")
+    def _positive_counts(self):
+        counts = self.samples_per_prompt
+        for task, k in (counts.items() if isinstance(counts, dict) else [("", counts)]):
+            if k <= 0:
+                raise ValueError(f"samples_per_prompt{'.' + task if task else ''}: must be positive, got {k}")
+        return self
+
+    def samples_for(self, task: str) -> int:
+        counts = self.samples_per_prompt
+        if not isinstance(counts, dict):
+            return counts
+        if task not in counts:
+            raise ConfigError(f"samples_per_prompt: no count for task {task!r} (given: {sorted(counts)})")
+        return counts[task]
 
 
 class MergeSettings(Strict):
@@ -311,25 +363,47 @@ class ConfigError(ValueError):
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict."""
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict; a numeric part indexes a list
+    (`rewards.0.replicas=4`)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         node, parts = raw, key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
+        for depth, p in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth]) or '<root>'} is a list of "
+                                      f"{len(node)}; {p!r} is not an index into it")
+                p = int(p)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {parts[depth - 1]!r} is neither a mapping nor a list")
+            if last:
+                node[p] = yaml.safe_load(value)
+            else:
+                if isinstance(node, dict) and node.get(p) is None:
+                    node[p] = {}
+                node = node[p]
     return raw
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML file, or a one-line ConfigError naming the file, line and column of a syntax error."""
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
 
 
 def load_config(path: str, overrides: list[str] = (), cls=OPDConfig):
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {p} does not exist")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     return validate(cls, apply_overrides(raw, list(overrides)), str(p))

@@ -49,7 +49,7 @@ def sde_step(x, v, sigma, sigma_next, std, noise=None, generator=None):
     x, v = x.float(), v.float()
     mean = transition_mean(x, v, sigma, sigma_next, std)
     if not torch.any(torch.as_tensor(std) > 0):
-        return mean, mean, torch.zeros(x.shape[0])
+        return mean, mean, torch.zeros(x.shape[0], device=x.device)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     scale = transition_scale(sigma, sigma_next, std)
@@ -60,8 +60,10 @@ def sde_step(x, v, sigma, sigma_next, std, noise=None, generator=None):
 def kl_weights(sigmas: torch.Tensor, noise_level: float, exact: bool = True) -> torch.Tensor:
     """w_j with KL_j = w_j * ||v_theta - v_T||^2 (paper Eq. 12): |dt| c_j^2 / (2 std_j^2).
 
-    exact=False drops |dt| as the released Flow-OPD code does. noise_level 0 (ODE rollouts) has no KL;
-    it falls back to DiffusionOPD's plain mean matching 1/2 ||mu_theta - mu_T||^2 = dt^2/2 ||dv||^2.
+    exact=False is the released Flow-OPD code's weight: its KL is mean(dmu^2) / (2 std_j^2), dividing by
+    std_j^2 instead of the transition variance std_j^2 |dt|, with dmu = c_j dt dv, i.e. c_j^2 dt^2 / (2 std_j^2)
+    = w_j |dt|. noise_level 0 (ODE rollouts) has no KL; it falls back to DiffusionOPD's plain mean matching
+    1/2 ||mu_theta - mu_T||^2 = dt^2/2 ||dv||^2.
     """
     s, dt = sigmas[:-1].double(), (sigmas[:-1] - sigmas[1:]).double()
     if noise_level == 0:
@@ -69,7 +71,7 @@ def kl_weights(sigmas: torch.Tensor, noise_level: float, exact: bool = True) -> 
     std = sde_std(sigmas, noise_level).double()
     c = 1 + std ** 2 * (1 - s) / (2 * s)
     w = c ** 2 / (2 * std ** 2)
-    return (w * dt if exact else w).float()
+    return (w * dt if exact else w * dt ** 2).float()
 
 
 def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor | None, guidance: float) -> torch.Tensor:

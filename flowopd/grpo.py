@@ -3,7 +3,8 @@
 Follows DESIGN.md §3: A = (r - mean_prompt) / (std_all + 1e-4) clipped to +-5; groups whose advantages
 are all zero are skipped; per state L = max(-A r, -A clip(r, 1-eps, 1+eps)) with r = exp(logp - logp_old);
 KL to the reference (the model with its adapter disabled) beta ||mu - mu_ref||^2 / (2 std^2), averaged
-over dimensions (Flow-GRPO's scale, without |dt|).
+over dimensions (Flow-GRPO's scale, without |dt|). The exported weights are an EMA with Flow-GRPO's
+warm-up schedule.
 """
 import numpy as np
 import torch
@@ -47,3 +48,15 @@ def grpo_loss(v, v_ref, x, x_next, logp_old, adv, sigma, sigma_next, std, clip_r
         std_b = torch.as_tensor(std, dtype=torch.float32).reshape(-1, *([1] * (x.dim() - 1)))
         kl = ((mean - mean_ref) ** 2 / (2 * std_b ** 2)).flatten(1).mean(1)
     return policy + beta * kl, ratio.detach(), kl.detach()
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """Flow-GRPO's EMA decay after optimizer step `step` (1-based): min((1 + s) / (10 + s), max_decay),
+    so the first updates move the average quickly away from the initial weights."""
+    return min((1 + step) / (10 + step), max_decay)
+
+
+def ema_update(ema: dict, params: dict, step: int, max_decay: float) -> dict:
+    """ema <- d ema + (1 - d) params with d = ema_decay_at(step, max_decay)."""
+    d = ema_decay_at(step, max_decay)
+    return {k: d * ema[k] + (1 - d) * params[k] for k in ema}

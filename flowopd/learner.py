@@ -54,6 +54,11 @@ class Learner:
         exact = self.grpo is not None or self.sft or cfg.loss.kl_weighting == "exact"
         self.w = torch.ones(sc.num_steps) if self.sft else kl_weights(self.sigmas, sc.noise_level, exact=exact)
         self.w_exact = kl_weights(self.sigmas, sc.noise_level, exact=True)
+        # constant tables live on the model's device once: they are indexed by per-state step indices there
+        self.sigmas, self.std, self.w, self.w_exact = (t.to(self.device) for t in
+                                                       (self.sigmas, self.std, self.w, self.w_exact))
+        self.detach_uncond = (self.grpo.detach_uncond if self.grpo is not None
+                              else (not self.sft and cfg.loss.detach_uncond))
 
     def _opd_term(self, v, target, x, x_next, logp_old, j):
         if self.form == "analytic":
@@ -87,6 +92,11 @@ class Learner:
 
     def train_step(self, batch: dict, total_states: int) -> dict:
         """One optimizer step on this rank's share of the states; returns per-state terms and grad norm."""
+        terms, grad_norm = self.step(batch, total_states)
+        return {**{k: v.cpu().numpy() for k, v in terms.items()}, "grad_norm": float(grad_norm)}
+
+    def step(self, batch: dict, total_states: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The optimizer step itself; per-state terms and the grad norm stay on the model's device."""
         b = {k: as_tensor(v, self.device) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
         n = b["x"].shape[0]
         mb = self.cfg.learner.micro_batch_size
@@ -100,19 +110,19 @@ class Learner:
         for ci, sl in enumerate(chunks):
             sync = ci == len(chunks) - 1 or self.ddp is None
             with (nullcontext() if sync else self.ddp.no_sync()):
-                j = b["step_idx"][sl].long().cpu()
+                j = b["step_idx"][sl].long()
                 pi = b["prompt_idx"][sl].long()
                 v = velocity(model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
-                             b["neg_embeds"], b["neg_pooled"], guidance, self.autocast)
+                             b["neg_embeds"], b["neg_pooled"], guidance, self.autocast, self.detach_uncond)
                 loss, out = (self._grpo_chunk(v, b, sl, j, pi, guidance) if self.grpo is not None
                              else self._opd_chunk(v, b, sl, j))
                 for k, val in out.items():
-                    terms.setdefault(k, []).append(val.detach().float().cpu())
+                    terms.setdefault(k, []).append(val.detach().float())
                 (loss.sum() * self.world / total_states).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
         self.opt.step()
         self.model.eval()
-        return {**{k: torch.cat(v).numpy() for k, v in terms.items()}, "grad_norm": float(grad_norm)}
+        return {k: torch.cat(v) for k, v in terms.items()}, grad_norm
 
     def lora_state(self) -> dict:
         return {k: v.numpy() for k, v in lora_state(self.model).items()}

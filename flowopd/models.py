@@ -22,10 +22,9 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .config import LORA_TARGETS
 from .flow import cfg_velocity
 
-LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 STUDENT = "default"  # peft saves the "default" adapter as a plain adapter directory
 
 
@@ -188,23 +187,33 @@ def load_lora_state(model: PeftModel, state: dict) -> None:
 
 
 def velocity(model, latents, sigma, embeds, pooled, neg_embeds=None, neg_pooled=None, guidance=1.0,
-             autocast_dtype=None):
-    """Model velocity at (latents, sigma) with classifier-free guidance in one batched forward."""
+             autocast_dtype=None, detach_uncond: bool = False):
+    """Model velocity at (latents, sigma) with classifier-free guidance in one batched forward.
+
+    detach_uncond stops the gradient through the unconditional branch, as Flow-GRPO's policy does: the
+    guided velocity's gradient is then g * d(v_cond) only."""
     use_cfg = guidance != 1.0 and neg_embeds is not None
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
-    x, t, e, p = latents, sigma * 1000, embeds, pooled
-    if use_cfg:
-        x, t = torch.cat([x, x]), torch.cat([t, t])
-        e, p = torch.cat([neg_embeds.expand_as(embeds), e]), torch.cat([neg_pooled.expand_as(pooled), p])
     dtype = next(model.parameters()).dtype
     ctx = (torch.autocast(latents.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext())
-    with ctx:
-        out = model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=e.to(dtype),
-                    pooled_projections=p.to(dtype), return_dict=False)[0].float()
-    if use_cfg:
-        v_u, v_c = out.chunk(2)
-        return cfg_velocity(v_c, v_u, guidance)
-    return out
+
+    def forward(x, t, e, p):
+        with ctx:
+            return model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=e.to(dtype),
+                         pooled_projections=p.to(dtype), return_dict=False)[0].float()
+
+    t = sigma * 1000
+    if not use_cfg:
+        return forward(latents, t, embeds, pooled)
+    neg_e, neg_p = neg_embeds.expand_as(embeds), neg_pooled.expand_as(pooled)
+    if detach_uncond and torch.is_grad_enabled():  # no graph for the branch that gets no gradient
+        with torch.no_grad():
+            v_u = forward(latents, t, neg_e, neg_p)
+        return cfg_velocity(forward(latents, t, embeds, pooled), v_u, guidance)
+    out = forward(torch.cat([latents, latents]), torch.cat([t, t]), torch.cat([neg_e, embeds]),
+                  torch.cat([neg_p, pooled]))
+    v_u, v_c = out.chunk(2)
+    return cfg_velocity(v_c, v_u, guidance)
 
 
 class ModelBank:
@@ -261,34 +270,47 @@ def decode_images(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> np.n
     return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft's two formats, preferred first
+
+
+def adapter_weights_file(adapter_dir) -> Path | None:
+    """The weights file of a peft adapter directory (safetensors, or the older pickled .bin)."""
+    return next((Path(adapter_dir) / n for n in ADAPTER_WEIGHTS if (Path(adapter_dir) / n).exists()), None)
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple]:
+    if weights.suffix == ".safetensors":
+        with safe_open(str(weights), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    return {k: tuple(v.shape) for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()}
+
+
 def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:
     """Fail fast, naming the path, when a peft adapter directory is missing, malformed or the wrong shape."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"adapter directory {d} does not exist")
-    cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_file.exists() or not weights.exists():
+    cfg_file, weights = d / "adapter_config.json", adapter_weights_file(d)
+    if not cfg_file.exists() or weights is None:
         raise ValueError(f"{d} is not a peft adapter directory (needs adapter_config.json and "
-                         f"adapter_model.safetensors)")
+                         f"{' or '.join(ADAPTER_WEIGHTS)})")
     peft_type = json.loads(cfg_file.read_text()).get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{cfg_file}: peft_type is {peft_type!r}, only LORA adapters are supported")
     with torch.device("meta"):
         base = SD3Transformer2DModel.from_config(transformer_config(base_dir))
     modules = dict(base.named_modules())
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            name = key.removeprefix("base_model.model.").split(".lora_")[0]
-            mod = modules.get(name)
-            if mod is None or not hasattr(mod, "in_features"):
-                raise ValueError(f"{weights}: {key} targets {name!r}, which the base model {base_dir} lacks")
-            shape = tuple(f.get_slice(key).get_shape())
-            fits = shape[1] == mod.in_features if ".lora_A." in key else shape[0] == mod.out_features
-            if not fits:
-                raise ValueError(f"{weights}: {key} has shape {shape}, which does not fit {name} "
-                                 f"({mod.in_features}->{mod.out_features}) of the base model {base_dir}")
+    for key, shape in _tensor_shapes(weights).items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        name = key.removeprefix("base_model.model.").split(".lora_")[0]
+        mod = modules.get(name)
+        if mod is None or not hasattr(mod, "in_features"):
+            raise ValueError(f"{weights}: {key} targets {name!r}, which the base model {base_dir} lacks")
+        fits = shape[1] == mod.in_features if ".lora_A." in key else shape[0] == mod.out_features
+        if not fits:
+            raise ValueError(f"{weights}: {key} has shape {shape}, which does not fit {name} "
+                             f"({mod.in_features}->{mod.out_features}) of the base model {base_dir}")
 
 
 def save_random_model(path: str, preset: str = "tiny", seed: int = 0, **kw) -> str:

@@ -1,14 +1,26 @@
 """Checks that run before any actor starts: files, adapters, routes, data. Each error names its key."""
 import inspect
+import json
 from pathlib import Path
 
 from .config import ConfigError, GRPOConfig, JobConfig
 from .data import DataError, PromptRecord, read_source
+from .hub import resolve_config
 from .models import check_adapter_fits, transformer_config
+from .tracking import missing_backend
+
+
+def check_logger(cfg) -> None:
+    package = missing_backend(cfg.logger.backend)
+    if package:
+        raise ConfigError(f"logger.backend: {cfg.logger.backend} needs the {package!r} package (pip install {package})")
 
 
 def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
-    """Validate everything that can be checked without a cluster; returns the prompt records per source."""
+    """Validate everything that can be checked without a cluster; returns the prompt records per source.
+    Hub ids in the config are replaced by their local snapshots first."""
+    check_logger(cfg)
+    resolve_config(cfg)
     base = Path(cfg.model.base)
     if not base.exists():
         raise ConfigError(f"model.base: {base} does not exist")
@@ -16,6 +28,7 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
         tcfg = transformer_config(str(base))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.base: {base} is not a diffusers SD3 directory ({e})") from None
+    check_resolution(cfg.model.resolution, base, tcfg)
     if cfg.student.base:
         sb = Path(cfg.student.base)
         try:
@@ -42,6 +55,17 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
     if cfg.needs_transitions() and sc.noise_level == 0:
         raise ConfigError("sampling.noise_level: this loss needs SDE rollouts (noise_level > 0) for its log-probs")
     return sources
+
+
+def check_resolution(resolution: int, base: Path, tcfg: dict) -> None:
+    """Images must map to whole latent patches: a multiple of the VAE's scale times the patch size."""
+    vae_file = base / "vae" / "config.json"
+    if not vae_file.exists():
+        return
+    scale = 2 ** (len(json.loads(vae_file.read_text())["block_out_channels"]) - 1) * tcfg.get("patch_size", 1)
+    if resolution % scale:
+        raise ConfigError(f"model.resolution: {resolution} is not a multiple of {scale} (VAE scale x patch size "
+                          f"of {base}); use e.g. {max(scale, resolution // scale * scale)}")
 
 
 def read_sources(specs) -> list[list[PromptRecord]]:

@@ -1,162 +1,72 @@
-"""Flow-OPD end to end in the one-machine world (issue 6): the README's main command.
+"""Flow-OPD end to end in the one-machine world: the README's main command.
 
     python -m pipelines.demo                       # configs/demo.yaml, about 15 minutes on 2 CPU cores
+    python -m pipelines.demo --retrain-stage1      # first train stage 1 again (hours), then the same
     python -m pipelines.demo --quick               # every stage for a couple of steps (CI, smoke test)
     python -m pipelines.demo --config my.yaml opd.train.steps=80
 
-Runs the recipe (pipelines/recipe.py) on the shipped world base model: a GRPO teacher per task, the
-GRPO-Mix baseline, the cold start, OPD without and with MAR, and an evaluation of every model on held-out
-prompts; then writes <output_dir>/report/: report.md (a table in the layout of the paper's Table 2 and
-what it shows), curves.png (per-task reward of the rollouts over training, for every training stage)
-and grid_<task>.png (held-out samples, one row per model). Rerunning resumes; finished stages are kept.
+Runs the recipe (pipelines/recipe.py) on the shipped world base model and the shipped stage-1 models
+(assets/world/stage1: a Flow-GRPO teacher per task, GRPO-Mix and cascade RL, made by pipelines.stage1):
+the cold start, OPD with and without MAR, and an evaluation of every model on held-out prompts (the
+stage-1 models' scores are reused from their shipped evaluation when this machine reproduces them).
+Then writes <output_dir>/report/: report.md (a table in the layout of the paper's Table 2 with 95%
+confidence intervals, and each claim with its paired bootstrap CI), curves.png (per-task reward of the
+rollouts over training) and grid_<task>.png (held-out samples, one row per model, the prompt above each
+column). Rerunning resumes; finished stages are kept.
 """
 import argparse
+import copy
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
-import matplotlib
-import numpy as np
-from PIL import Image, ImageDraw
+import yaml
 
-from flowopd.config import ConfigError
+from flowopd.config import ConfigError, apply_overrides
 from flowopd.data import DataError
-from pipelines.recipe import Recipe, load_recipe
+from pipelines import stage1
+from pipelines.launch import setup_logging
+from pipelines.recipe import Recipe, load_recipe, shorten
+from pipelines.report import (
+    Results,
+    comparison_claims,
+    markdown_table,
+    reach_claims,
+    rows_json,
+    sample_grid,
+    table_rows,
+    task_columns,
+    teacher_claims,
+    training_curves,
+)
 
-ROWS = ("base", "grpo_mix", "cold_start", "opd_without_mar", "opd")  # teachers go after base
+log = logging.getLogger("demo")
+SHIPPED_STAGE1 = "assets/world/stage1"
+STAGE1_CONFIG = "configs/world_stage1.yaml"
+ROWS = ("base", "grpo_mix", "cascade", "cold_start", "opd_without_mar", "opd")  # teachers go after base
 REACHES = 0.95  # "reaches the teacher": at least this fraction of the teacher's score on its own task
 
 
-def shorten(raw: dict, steps: int) -> dict:
-    """--quick: every training stage runs `steps` small steps on one worker and one rank; evaluation uses
-    few prompts and sampling steps. A smoke test of every stage, not a result."""
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("train"), dict):
-                node["train"].update(steps=steps, checkpoint_every=steps)
-            for v in node.values():
-                walk(v)
-    walk(raw)
-    d = raw.setdefault("defaults", {})
-    d.setdefault("rollout", {})["workers"] = 1
-    d.setdefault("learner", {})["ranks"] = 1
-    d.setdefault("data", {}).update(prompts_per_step=3, group_size=4)
-    d.setdefault("sampling", {})["num_steps"] = 6
-    ev = raw.setdefault("evaluate", {})
-    ev.setdefault("data", {})["max_prompts_per_source"] = 3
-    ev["samples_per_prompt"] = 1
-    ev.setdefault("sampling", {})["num_steps"] = 6
-    return raw
+def use_stage1(raw: dict, folder: str) -> dict:
+    """The recipe with every path into the shipped stage-1 directory pointing at `folder` instead."""
+    text = yaml.safe_dump(raw)
+    return yaml.safe_load(text.replace(SHIPPED_STAGE1, folder.rstrip("/")))
 
 
-def task_metrics(recipe: Recipe, summary: dict) -> dict[str, str]:
-    """{task: column}: the primary output of the evaluation reward that scores each task."""
-    specs = recipe.stages["evaluate"].rewards
-    out = {}
-    for s in summary.values():
-        for task, cols in s["per_task"].items():
-            spec = next(sp for sp in specs if sp.applies_to(task))
-            out.setdefault(task, next(c for c in cols if c.startswith(spec.key + "/")))
-    return dict(sorted(out.items()))
-
-
-def table(recipe: Recipe, summary: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """Rows in the paper's order (base, teachers, GRPO-Mix, cold start, OPD w/o MAR, OPD) x task scores."""
-    metrics = task_metrics(recipe, summary)
-    order = ["base", *recipe.teachers, *ROWS[1:]]
-    rows = {}
-    for name in [m for m in order if m in summary]:
-        per_task = summary[name]["per_task"]
-        rows[name] = {t: per_task.get(t, {}).get(col, float("nan")) for t, col in metrics.items()}
-        rows[name]["average"] = float(np.mean([rows[name][t] for t in metrics]))
-    return list(metrics), rows
-
-
-def findings(recipe: Recipe, tasks: list[str], rows: dict) -> list[str]:
-    """The questions the demo exists to answer, answered from the table."""
-    lines = []
+def findings(recipe: Recipe, res: Results) -> list[str]:
+    """The questions the demo exists to answer, each with its paired 95% CI."""
     route = recipe.stages["opd"].route
-    if "opd" in rows:
-        for task in tasks:
-            teacher = route.get(task)
-            if teacher in rows:
-                t, s = rows[teacher][task], rows["opd"][task]
-                if "base" in rows:
-                    b = rows["base"][task]
-                    lines.append(f"* {task}: {teacher} {t:.3f} vs base {b:.3f} ({t - b:+.3f}): stage 1 "
-                                 f"{'improved' if t > b else 'did not improve'} the base on its own task.")
-                verdict = "reaches" if s >= REACHES * t else "does not reach"
-                lines.append(f"* {task}: OPD {s:.3f} vs {teacher} {t:.3f}: {verdict} the teacher "
-                             f"({s / t:.0%} of its score; 'reaches' means at least {REACHES:.0%}).")
-        if "grpo_mix" in rows:
-            o, g = rows["opd"]["average"], rows["grpo_mix"]["average"]
-            lines.append(f"* Average: OPD {o:.3f} vs GRPO-Mix {g:.3f}: OPD {'beats' if o > g else 'does not beat'} "
-                         f"GRPO-Mix ({o - g:+.3f}).")
-        if "opd_without_mar" in rows:
-            o, w = rows["opd"]["average"], rows["opd_without_mar"]["average"]
-            lines.append(f"* MAR: average {o:.3f} with, {w:.3f} without ({o - w:+.3f}).")
+    lines = ["Stage 1 (each teacher on its own task):", *teacher_claims(res, route), "",
+             "OPD against each teacher on that teacher's task:", *reach_claims(res, "opd", route, REACHES), "",
+             "OPD against the baselines, and the MAR ablation (average over tasks):",
+             *comparison_claims(res, [("opd", "grpo_mix"), ("opd", "cascade"), ("opd", "opd_without_mar")])]
+    forgetting = [(t, teacher) for t, teacher in route.items() if {"cascade", teacher} <= set(res.models)]
+    if forgetting:
+        lines += ["", "Cascade RL against each teacher on its task (forgetting shows as a drop):",
+                  *[c for t, teacher in forgetting for c in reach_claims(res, "cascade", {t: teacher}, REACHES)]]
     return lines
-
-
-def markdown_table(tasks: list[str], rows: dict) -> str:
-    cols = [*tasks, "average"]
-    best = {c: max(r[c] for r in rows.values()) for c in cols}
-    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows.items():
-        cells = [f"**{r[c]:.3f}**" if r[c] == best[c] else f"{r[c]:.3f}" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def training_curves(out: Path, stages: list[str], tasks: list[str], path: Path) -> None:
-    """Per-task mean reward of each training stage's rollouts (moving average over 5 steps)."""
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for stage in stages:
-            f = out / stage / "metrics.jsonl"
-            if not f.exists():
-                continue
-            pts = [(m["step"], m["reward_per_task"][task]) for m in map(json.loads, f.read_text().splitlines())
-                   if task in m.get("reward_per_task", {})]
-            if pts:
-                steps, vals = map(np.asarray, zip(*pts))
-                k = min(5, len(vals))
-                smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
-                ax.plot(steps[k - 1:], smooth, label=stage.removeprefix("teachers/"))
-        ax.set_title(task)
-        ax.set_xlabel("step")
-        ax.set_ylabel("rollout reward")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def sample_grid(eval_dir: Path, models: list[str], task: str, path: Path, scale: int = 3, per_row: int = 8) -> None:
-    """One row per model: its first held-out samples for the task (same seeds for every model)."""
-    rows = []
-    for name in models:
-        f = eval_dir / "grids" / name / f"{task}.png"
-        if f.exists():
-            g = np.asarray(Image.open(f).convert("RGB"))
-            side = g.shape[1] // 4  # evaluate writes 4 images per grid row
-            tiles = [g[r:r + side, c:c + side] for r in range(0, g.shape[0], side) for c in range(0, 4 * side, side)]
-            rows.append((name, np.concatenate(tiles[:per_row], axis=1)))
-    if not rows:
-        return
-    label_w, width = 130, max(r.shape[1] for _, r in rows) * scale
-    canvas = Image.new("RGB", (label_w + width, len(rows) * rows[0][1].shape[0] * scale), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for name, r in rows:
-        tile = Image.fromarray(r).resize((r.shape[1] * scale, r.shape[0] * scale), Image.NEAREST)
-        canvas.paste(tile, (label_w, y))
-        draw.text((4, y + tile.height // 2 - 6), name, fill="black")
-        y += tile.height
-    canvas.save(path)
 
 
 def stage_times(recipe: Recipe, minutes: float) -> str:
@@ -172,27 +82,45 @@ def stage_times(recipe: Recipe, minutes: float) -> str:
             f"skipped).")
 
 
+def stage1_budgets(recipe: Recipe) -> list[str]:
+    """Samples behind each stage-1 model, from the manifest next to the teachers it uses."""
+    adapter = Path(recipe.teacher_adapter(next(iter(recipe.teachers))))
+    path = adapter.parent / "manifest.json"
+    if not path.exists():
+        return []
+    models = json.loads(path.read_text())["models"]
+    return ["Stage-1 training samples: " + ", ".join(f"{n} {m['samples']:,}" for n, m in models.items())
+            + f" (from `{path}`)."]
+
+
 def write_report(recipe: Recipe, minutes: float) -> Path:
     out = recipe.out
-    summary = json.loads((out / "evaluate" / "summary.json").read_text())
-    tasks, rows = table(recipe, summary)
+    ev_dir = out / "evaluate"
+    ev = recipe.stages["evaluate"]
+    summary = json.loads((ev_dir / "summary.json").read_text())
+    res = Results(ev_dir, task_columns(ev, summary))
+    rows = table_rows(res, ["base", *recipe.teachers, *ROWS[1:]])
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    training = [s for s in recipe.stages if s != "evaluate" and s != "cold_start"]
-    training_curves(out, training, tasks, rep / "curves.png")
-    for task in tasks:
-        sample_grid(out / "evaluate", list(rows), task, rep / f"grid_{task}.png")
-    ev = recipe.stages["evaluate"]
-    intro = (f"Held-out prompts, {ev.samples_per_prompt} samples each, ODE sampling with {ev.sampling.num_steps} "
-             f"steps and guidance {ev.sampling.guidance}; every model sees the same seeds. Each task column is "
-             f"the mean of that task's reward ({', '.join(task_metrics(recipe, summary).values())}).")
-    text = ["# Flow-OPD demo report", "", intro, "",
-            markdown_table(tasks, rows), "## What it shows", "", *findings(recipe, tasks, rows), "",
+    training = [s for s in recipe.stages if s not in ("evaluate", "cold_start")]
+    training_curves(out, training, res.tasks, rep / "curves.png")
+    for task in res.tasks:
+        sample_grid(ev_dir, list(rows), task, rep / f"grid_{task}.png")
+    counts = {t: ev.samples_for(t) for t in res.tasks}
+    n_prompts = {t: len(set(res.scores("base", t)[1])) for t in res.tasks}
+    intro = (f"Held-out prompts ({', '.join(f'{t}: {n_prompts[t]} prompts x {counts[t]} seeds' for t in res.tasks)}), "
+             f"ODE sampling with {ev.sampling.num_steps} steps and guidance {ev.sampling.guidance}; every model sees "
+             f"the same prompts and seeds. Each cell is the mean of the task's reward "
+             f"({', '.join(res.columns.values())}) ± the half-width of its 95% CI; CIs come from a bootstrap "
+             f"that resamples seeds within each prompt (2,000 draws), paired across models for differences. "
+             f"A difference is called shown only when its CI excludes 0.")
+    text = ["# Flow-OPD demo report", "", intro, "", markdown_table(res.tasks, rows),
+            "## What it shows", "", *findings(recipe, res), "", *stage1_budgets(recipe),
             stage_times(recipe, minutes), "",
-            "Training curves: `curves.png`; samples: " + ", ".join(f"`grid_{t}.png`" for t in tasks) + "; "
+            "Training curves: `curves.png`; samples: " + ", ".join(f"`grid_{t}.png`" for t in res.tasks) + "; "
             "per-image scores: `../evaluate/results.parquet`."]
     (rep / "report.md").write_text("\n".join(text) + "\n")
-    (rep / "table.json").write_text(json.dumps(rows, indent=1))
+    (rep / "table.json").write_text(json.dumps(rows_json(rows), indent=1))
     return rep / "report.md"
 
 
@@ -200,24 +128,49 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--quick", action="store_true", help="2 steps per training stage, a small evaluation")
+    ap.add_argument("--retrain-stage1", action="store_true",
+                    help=f"train the stage-1 models again ({STAGE1_CONFIG}, hours on 2 cores) into "
+                         f"<output_dir>/stage1 and use them instead of the shipped ones")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the recipe file")
     args = ap.parse_intermixed_args(argv)
+    setup_logging()
+    published = None
     try:
-        recipe = load_recipe(args.config, args.overrides, (lambda raw: shorten(raw, 2)) if args.quick else None)
+        def edit(raw):
+            nonlocal published
+            raw = shorten(raw, 2) if args.quick else raw
+            if not args.retrain_stage1:
+                return raw
+            out = apply_overrides(copy.deepcopy(raw), args.overrides).get("output_dir", "runs/demo")
+            published = Path(out) / "stage1" / "models"
+            return use_stage1(raw, str(published))
+        recipe = load_recipe(args.config, args.overrides, edit)
         base = Path(recipe.defaults.get("model", {}).get("base", ""))
         if not base.exists():
             raise ConfigError(f"defaults.model.base: {base} does not exist (the world model ships in "
                               f"assets/world; `python -m pipelines.train_world` rebuilds it)")
+        if not args.retrain_stage1:
+            for name in recipe.teachers:
+                adapter = Path(recipe.teacher_adapter(name))
+                if not adapter.exists():
+                    raise ConfigError(f"teachers.{name}.adapter: {adapter} does not exist (the stage-1 models "
+                                      f"ship in {SHIPPED_STAGE1}; --retrain-stage1 trains them)")
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     started = time.time()
+    if published is not None and not published.exists():
+        code = stage1.main(["--config", STAGE1_CONFIG, "--output", str(published),
+                            f"output_dir={published.parent / 'runs'}", *(["--quick"] if args.quick else []),
+                            *(["--no-progress"] if args.no_progress else [])])
+        if code:
+            return code
     recipe.out.mkdir(parents=True, exist_ok=True)
     recipe.run(progress=not args.no_progress)
     report = write_report(recipe, (time.time() - started) / 60)
     print(report.read_text())
-    print(f"report: {report}")
+    log.info("report: %s", report)
     return 0
 
 

@@ -9,10 +9,15 @@ import ray
 
 from actors.resources import check_cluster_resources, requested_resources
 from flowopd.checkpoint import CheckpointManager
-from flowopd.config import ConfigError, load_config
+from flowopd.config import MIN_SAMPLES_PER_UPDATE, ConfigError, load_config
 from flowopd.data import DataError
 from flowopd.preflight import preflight
 from flowopd.tiny import ensure_tiny_assets
+
+
+def setup_logging() -> None:
+    """One format for every pipeline's status lines: `[component] message` on stderr."""
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr, force=True)
 
 
 def init_ray(address: str | None) -> None:
@@ -25,7 +30,9 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env,
+        # "local" always starts a private instance: never attach to (or wait for) a cluster recorded by an
+        # earlier `ray start` that may be dead
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, runtime_env=env,
                  logging_level=logging.WARNING)
 
 
@@ -39,6 +46,10 @@ def describe(cfg, sources) -> str:
                      + (f"; MAR {mar.teacher} (lambda {mar.weight})" if mar and mar.teacher else ""))
     else:
         lines.append("rewards: " + ", ".join(f"{r.key} x{r.weight:g} on {r.tasks or 'all tasks'}" for r in cfg.rewards))
+        n = cfg.samples_per_update()
+        lines.append(f"{n:g} samples per optimizer step (Flow-GRPO: 576)" + (
+            f"; below {MIN_SAMPLES_PER_UPDATE} a GRPO update on a sparse reward is mostly noise: raise "
+            f"data.prompts_per_step or lower grpo.minibatches" if n < MIN_SAMPLES_PER_UPDATE else ""))
     lines += [f"{k}: " + ", ".join(f"{v:g} {r}" for r, v in asked.items() if v)
               for k, asked in requested_resources(cfg).items()]
     return "\n".join(lines)
@@ -49,6 +60,8 @@ def parse_args(doc: str, argv=None):
     ap.add_argument("--config", required=True, help="YAML job configuration")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
+    ap.add_argument("--check", action="store_true",
+                    help="validate the config, its files and Hub ids, print the plan and stop (no Ray, no GPU)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     return ap.parse_intermixed_args(argv)
 
@@ -61,6 +74,9 @@ def run_job(argv, doc: str, config_cls, trainer_cls, finish=None) -> int:
         if cfg.tiny_assets:
             ensure_tiny_assets(cfg.tiny_assets)
         sources = preflight(cfg)
+        if args.check:
+            print(describe(cfg, sources), file=sys.stderr)
+            return 0
         existing = CheckpointManager(f"{cfg.output_dir}/checkpoints").latest()
         if existing is not None and not args.resume:
             raise ConfigError(f"output_dir: {existing} already exists; pass --resume to continue that run or "

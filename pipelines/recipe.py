@@ -1,5 +1,6 @@
-"""The whole paper as one resumable job: teachers (trained with GRPO or given), the GRPO-Mix baseline,
-the cold start, OPD with MAR (and optionally without, for the ablation), and an evaluation of every model.
+"""The whole paper as one resumable job: teachers (trained with GRPO or given), the GRPO-Mix and cascade-RL
+baselines (trained or given), the cold start, OPD with MAR (and optionally without, for the ablation), and
+an evaluation of every model. Without an `opd:` section it is stage 1 alone (teachers and baselines).
 
     python -m pipelines.recipe --config configs/tiny_recipe.yaml
     ray job submit --working-dir . -- python -m pipelines.recipe --config my_recipe.yaml
@@ -11,27 +12,36 @@ its newest checkpoint. Every stage's configuration is validated before the first
 import argparse
 import copy
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from actors.grpo_trainer import GRPOTrainer
 from actors.opd_trainer import OPDTrainer
 from actors.resources import check_cluster_resources
 from flowopd.checkpoint import write_json_atomic
-from flowopd.config import ColdStartConfig, ConfigError, EvalConfig, GRPOConfig, OPDConfig, apply_overrides, validate
+from flowopd.config import (
+    ColdStartConfig,
+    ConfigError,
+    EvalConfig,
+    GRPOConfig,
+    OPDConfig,
+    apply_overrides,
+    read_yaml,
+    validate,
+)
 from flowopd.data import DataError
 from flowopd.preflight import preflight, read_sources
 from flowopd.tiny import ensure_tiny_assets
 from pipelines.cold_start import run_merge
 from pipelines.evaluate import evaluate, preflight_eval
 from pipelines.grpo import export_adapter
-from pipelines.launch import init_ray, train
+from pipelines.launch import init_ray, setup_logging, train
 
-STAGE_KEYS = ("defaults", "teachers", "grpo_mix", "cold_start", "opd", "opd_without_mar", "evaluate")
+log = logging.getLogger("recipe")
+STAGE_KEYS = ("defaults", "teachers", "grpo_mix", "cascade", "cold_start", "opd", "opd_without_mar", "evaluate")
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -55,7 +65,8 @@ class Recipe:
             raise ConfigError("teachers: name at least one teacher (`adapter:` given, or `grpo:` to train)")
         self.stages = self._configs()
 
-    def _job(self, stage: str, cls, body: dict, keep=("seed", "model", "student", "sampling", "rollout", "learner")):
+    def _job(self, stage: str, cls, body: dict,
+             keep=("seed", "model", "student", "sampling", "rollout", "learner", "logger")):
         """A stage's validated config: the recipe defaults it uses, overlaid with its own section."""
         keep = keep + (("data",) if cls is not EvalConfig else ())
         merged = deep_merge({k: v for k, v in self.defaults.items() if k in keep}, body)
@@ -68,6 +79,41 @@ class Recipe:
         spec = self.teachers[name]
         return spec["adapter"] if "adapter" in spec else str(self.out / "teachers" / name / "adapter")
 
+    def baseline_adapter(self, name: str) -> str | None:
+        """The adapter of a baseline (grpo_mix, cascade): given, trained here, or None when not configured."""
+        spec = self.raw.get(name)
+        if not spec:
+            return None
+        if "adapter" in spec:
+            return spec["adapter"]
+        if name == "cascade":
+            return str(self.out / self.cascade_stages()[-1] / "adapter")
+        return str(self.out / name / "adapter")
+
+    def cascade_stages(self) -> list[str]:
+        order = (self.raw.get("cascade") or {}).get("order") or []
+        return [f"cascade/{i}_{name}" for i, name in enumerate(order, 1)]
+
+    def _cascade(self, stages: dict) -> None:
+        """Cascade RL: GRPO on one teacher's task and reward, then the next from there, and so on; each step
+        of the chain spends what that teacher's own training spends (or the `cascade` overrides)."""
+        spec = copy.deepcopy(self.raw["cascade"])
+        if "adapter" in spec:
+            return
+        order = spec.pop("order", None)
+        if not order:
+            raise ConfigError("cascade: give `adapter:` (a trained cascade) or `order:` (teacher names to train "
+                              "in sequence)")
+        previous = None
+        for name, stage in zip(order, self.cascade_stages()):
+            if "grpo" not in self.teachers.get(name, {}):
+                raise ConfigError(f"cascade.order: {name!r} is not a teacher trained here (one with `grpo:`)")
+            body = deep_merge(deep_merge(self.teachers[name]["grpo"], spec), {"export_dir": str(self.out / stage / "adapter")})
+            if previous is not None:
+                body = deep_merge(body, {"student": {"init_adapter": previous}})
+            stages[stage] = self._job(stage, GRPOConfig, body)
+            previous = body["export_dir"]
+
     def _configs(self) -> dict:
         stages = {}
         for name, spec in self.teachers.items():
@@ -76,23 +122,29 @@ class Recipe:
                 stages[f"teachers/{name}"] = self._job(f"teachers/{name}", GRPOConfig, body)
             elif "adapter" not in spec:
                 raise ConfigError(f"teachers.{name}: give `adapter:` (an existing teacher) or `grpo:` (train one)")
-        if self.raw.get("grpo_mix"):
-            stages["grpo_mix"] = self._job("grpo_mix", GRPOConfig, self.raw["grpo_mix"])
-        cs = copy.deepcopy(self.raw.get("cold_start") or {"method": "merge"})
-        cs.setdefault("teachers", {n: {"adapter": self.teacher_adapter(n)} for n in self._task_teachers()})
-        stages["cold_start"] = self._job("cold_start", ColdStartConfig, cs)
-        opd = copy.deepcopy(self.raw.get("opd") or {})
-        opd.setdefault("teachers", {})
-        for n in self.teachers:
-            opd["teachers"].setdefault(n, {"adapter": self.teacher_adapter(n)})
-        opd = deep_merge(opd, {"student": self._student_start(stages["cold_start"])})
-        stages["opd"] = self._job("opd", OPDConfig, opd)
-        if self.raw.get("opd_without_mar"):
-            stages["opd_without_mar"] = self._job("opd_without_mar", OPDConfig,
-                                                  deep_merge(opd, {"mar": {"teacher": None}}))
+        mix = self.raw.get("grpo_mix")
+        if mix and "adapter" not in mix:
+            stages["grpo_mix"] = self._job("grpo_mix", GRPOConfig, mix)
+        if self.raw.get("cascade"):
+            self._cascade(stages)
+        if self.raw.get("opd"):
+            cs = copy.deepcopy(self.raw.get("cold_start") or {"method": "merge"})
+            cs.setdefault("teachers", {n: {"adapter": self.teacher_adapter(n)} for n in self._task_teachers()})
+            stages["cold_start"] = self._job("cold_start", ColdStartConfig, cs)
+            opd = copy.deepcopy(self.raw["opd"])
+            opd.setdefault("teachers", {})
+            for n in self.teachers:
+                opd["teachers"].setdefault(n, {"adapter": self.teacher_adapter(n)})
+            opd = deep_merge(opd, {"student": self._student_start(stages["cold_start"])})
+            stages["opd"] = self._job("opd", OPDConfig, opd)
+            if self.raw.get("opd_without_mar"):
+                stages["opd_without_mar"] = self._job("opd_without_mar", OPDConfig,
+                                                      deep_merge(opd, {"mar": {"teacher": None}}))
+        elif self.raw.get("cold_start") or self.raw.get("opd_without_mar"):
+            raise ConfigError("cold_start / opd_without_mar: these need an `opd:` section")
         stages["evaluate"] = self._job("evaluate", EvalConfig,
                                        deep_merge(self.raw.get("evaluate") or {}, {"models": self._eval_models(stages)}),
-                                       keep=("seed", "model", "rollout"))
+                                       keep=("seed", "model", "rollout", "logger"))
         return stages
 
     def _task_teachers(self) -> list[str]:
@@ -106,17 +158,24 @@ class Recipe:
 
     def _eval_models(self, stages) -> dict:
         models = {"base": {}, **{n: {"adapter": self.teacher_adapter(n)} for n in self.teachers}}
-        if "grpo_mix" in stages:
-            models["grpo_mix"] = {"adapter": str(self.out / "grpo_mix" / "adapter")}
-        cs = stages["cold_start"]
-        if "base" in self._student_start(cs):
-            models["cold_start"] = {"transformer": cs.output_path()}
-        else:
-            models["cold_start"] = {"adapter": cs.output_path()}
+        for name in ("grpo_mix", "cascade"):
+            if self.baseline_adapter(name):
+                models[name] = {"adapter": self.baseline_adapter(name)}
+        if "cold_start" in stages:
+            cs = stages["cold_start"]
+            kind = "transformer" if "base" in self._student_start(cs) else "adapter"
+            models["cold_start"] = {kind: cs.output_path()}
         for name in ("opd_without_mar", "opd"):
             if name in stages:
                 models[name] = {"adapter": str(self.out / name / "adapter")}
         return models
+
+    def samples(self, stage: str) -> int:
+        """Training samples a stage spends (0 for stages that do not sample rollouts)."""
+        cfg = self.stages[stage]
+        if isinstance(cfg, (GRPOConfig, OPDConfig)):
+            return cfg.train.steps * cfg.data.prompts_per_step * cfg.data.group_size
+        return 0
 
     def done(self, stage: str) -> bool:
         return (self.out / stage / "DONE.json").exists()
@@ -135,14 +194,22 @@ class Recipe:
 
     def run(self, progress: bool = True) -> dict:
         init_ray(self.raw.get("ray_address"))
+        total = sum(self.samples(st) for st in self.stages if not self.done(st)) or 1
+        spent, started_all = 0, time.time()
         for stage, cfg in self.stages.items():
             if self.done(stage):
-                print(f"[recipe] {stage}: finished earlier, skipped", file=sys.stderr)
+                log.info("%s: finished earlier, skipped", stage)
                 continue
-            print(f"[recipe] {stage}: running", file=sys.stderr)
+            log.info("%s: running", stage)
             started = time.time()
             summary = self.run_stage(stage, cfg, progress)
-            self.finish(stage, {**summary, "minutes": round((time.time() - started) / 60, 2)})
+            minutes = (time.time() - started) / 60
+            self.finish(stage, {**summary, "minutes": round(minutes, 2), "samples": self.samples(stage)})
+            spent += self.samples(stage)
+            elapsed = (time.time() - started_all) / 60
+            eta = f"; about {elapsed * (total - spent) / spent:.0f} min of training left" if spent and spent < total else ""
+            log.info("%s: done in %.1f min (%d%% of this run's training samples%s)", stage, minutes,
+                     100 * spent // total, eta)
         return json.loads((self.out / "evaluate" / "summary.json").read_text())
 
     def run_stage(self, stage: str, cfg, progress: bool) -> dict:
@@ -162,13 +229,32 @@ class Recipe:
                      finish=lambda tr: export_adapter(tr, dest))
 
 
+def shorten(raw: dict, steps: int) -> dict:
+    """--quick: every training stage runs `steps` small steps on one worker and one rank; evaluation uses
+    few prompts and sampling steps. A smoke test of every stage, not a result."""
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("train"), dict):
+                node["train"].update(steps=steps, checkpoint_every=steps)
+            for v in node.values():
+                walk(v)
+    walk(raw)
+    d = raw.setdefault("defaults", {})
+    d.setdefault("rollout", {})["workers"] = 1
+    d.setdefault("learner", {})["ranks"] = 1
+    d.setdefault("data", {}).update(prompts_per_step=3, group_size=4)
+    d.setdefault("sampling", {})["num_steps"] = 6
+    ev = raw.setdefault("evaluate", {})
+    ev.setdefault("data", {})["max_prompts_per_source"] = 3
+    ev["samples_per_prompt"] = 2
+    ev.setdefault("sampling", {})["num_steps"] = 6
+    return raw
+
+
 def load_recipe(config: str, overrides: list[str], edit=None) -> Recipe:
     """The recipe file with `edit` (a function of the raw dict) and key=value overrides applied, validated,
     tiny assets created when named, and every stage's prompt files read."""
-    path = Path(config)
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(Path(config))
     raw = apply_overrides(edit(raw) if edit else raw, overrides)
     if raw.get("tiny_assets"):
         ensure_tiny_assets(raw["tiny_assets"])
@@ -183,6 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the recipe file")
     args = ap.parse_intermixed_args(argv)
+    setup_logging()
     try:
         recipe = load_recipe(args.config, args.overrides)
     except (ConfigError, DataError) as e:

@@ -3,7 +3,7 @@
     python -m pipelines.train_world --output assets/world
 
 The VAE and then the transformer of a "world"-preset SD3 pipeline learn renderings of the training
-prompts (a fraction of them deliberately wrong), on CPU in about half an hour on 2 cores. The output is
+prompts (a fraction of them deliberately wrong), on CPU in about 75 minutes on 2 cores. The output is
 a diffusers pipeline directory (safetensors) in <output>/base, prompt files world_<task>_<split>.jsonl,
 and train_world.json with the settings and final losses. An existing output is never overwritten.
 """
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--per-task", type=int, default=4000, help="renderings per task")
     ap.add_argument("--imperfect", type=float, default=0.3, help="fraction of renderings that are wrong")
     ap.add_argument("--vae-steps", type=int, default=1500)
-    ap.add_argument("--steps", type=int, default=4000, help="transformer steps")
+    ap.add_argument("--steps", type=int, default=10000, help="transformer steps")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--force", action="store_true", help="replace an existing <output>/base")

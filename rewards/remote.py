@@ -73,7 +73,9 @@ class _Remote(Reward):
 class RewardServer(_Remote):
     """Flow-GRPO's reward-server protocol: POST a pickled {"images": [JPEG bytes], "prompts": [...],
     "meta_datas": [...], **extra}; the answer is a pickled dict whose `outputs` keys hold per-image lists
-    (GenEval: scores, rewards, strict_rewards; others: scores or outputs)."""
+    (GenEval: scores = partial credit, rewards, strict_rewards; others: scores or outputs). Each metadata
+    dict carries its prompt, as Flow-GRPO's GenEval records do and its GenEval server requires; GenEval
+    also requires `extra: {only_strict: ...}`."""
 
     def __init__(self, url: str, outputs=("scores",), extra: dict | None = None, **kw):
         super().__init__(url, **kw)
@@ -94,8 +96,9 @@ class RewardServer(_Remote):
         parts = []
         for lo in range(0, len(images), self.batch_size):
             sl = slice(lo, lo + self.batch_size)
+            metas = [{"prompt": p, **m} for p, m in zip(prompts[sl], metadata[sl])]
             payload = pickle.dumps({"images": [encode_image(im) for im in images[sl]], "prompts": list(prompts[sl]),
-                                    "meta_datas": list(metadata[sl]), **self.extra})
+                                    "meta_datas": metas, **self.extra})
             n = len(images[sl])
             parts.append(self._with_retries(lambda p=payload, n=n: self._post(p, n)))
         return {k: np.concatenate([p[k] for p in parts]) for k in self.outputs}

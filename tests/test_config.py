@@ -112,3 +112,51 @@ def test_ray_cluster_yaml_passes_rays_validation():
                 stack += node
     assert used and used <= advertised, used - advertised
     assert load_config("configs/sd35m_opd_cluster.yaml").pools["default"].resources == {"teacher_node": 1}
+
+
+def test_yaml_syntax_and_resolution_errors_are_one_line(tiny_assets, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("seed: 0\nmodel: {base: x\noutput_dir: y\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value).startswith(f"{path}:3:") and "YAML syntax error" in str(e.value)
+    assert "\n" not in str(e.value)
+    # the tiny model: VAE scale 2 x patch 2; 17 would silently floor to 16
+    _check(tiny_assets, tmp_path, r"model\.resolution: 18 is not a multiple of 4", **{"model.resolution": 18})
+
+
+def test_grpo_defaults_follow_flow_grpo(tiny_assets, tmp_path):
+    raw = yaml.safe_load((Path("configs") / "tiny_grpo.yaml").read_text())
+    for key in ("grpo", "learner"):
+        raw.pop(key)
+    raw["data"].pop("prompts_per_step")
+    raw["data"]["group_size"] = 24
+    cfg = GRPOConfig.model_validate(raw)
+    assert cfg.learner.lr == 3e-4 and cfg.grpo.detach_uncond and cfg.grpo.ema_decay == 0.9
+    assert cfg.samples_per_update() == 576 and cfg.sampling.train_timestep_fraction == 0.99
+    assert not load_config("configs/tiny_opd.yaml").loss.detach_uncond  # the released OPD loss keeps it
+
+
+def test_overrides_index_lists():
+    from flowopd.config import apply_overrides
+    raw = {"rewards": [{"name": "a", "replicas": 1}, {"name": "b"}], "train": {"steps": 3}}
+    apply_overrides(raw, ["rewards.0.replicas=4", "rewards.1.kwargs.path=/m", "train.steps=5"])
+    assert raw["rewards"][0]["replicas"] == 4 and raw["rewards"][1]["kwargs"] == {"path": "/m"}
+    assert raw["train"]["steps"] == 5
+    with pytest.raises(ConfigError, match=r"rewards is a list of 2; '2' is not an index"):
+        apply_overrides(raw, ["rewards.2.replicas=4"])
+    with pytest.raises(ConfigError, match=r"'steps' is neither a mapping nor a list"):
+        apply_overrides(raw, ["train.steps.x=1"])
+
+
+def test_check_validates_and_stops_before_ray(tiny_assets, tmp_path, capsys):
+    import ray
+
+    from pipelines.opd import main as opd_main
+    cfg = tmp_path / "opd.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(tiny_assets, tmp_path / "run")))
+    assert opd_main(["--config", str(cfg), "--check"]) == 0
+    assert "route:" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    assert opd_main(["--config", str(cfg), "--check", "data.sources.0.path=/nonexistent.jsonl"]) == 2
+    assert "/nonexistent.jsonl" in capsys.readouterr().err

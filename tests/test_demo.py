@@ -1,5 +1,6 @@
-"""The demo (README's main command), shortened: every stage runs on the shipped world model on a local Ray
-cluster and the report holds a Table-2 row per model, the training curves and the sample grids."""
+"""The demo (README's main command), shortened: the shipped stage-1 models, then cold start, OPD with and
+without MAR and the evaluation on a local Ray cluster; the report holds a row per model with CIs, every
+claim with its interval, the training curves and the labelled sample grids."""
 import json
 
 import numpy as np
@@ -9,31 +10,50 @@ from pipelines import demo
 from pipelines.recipe import Recipe
 from tests.conftest import ROOT
 
+ROWS = ["base", "composition_teacher", "text_teacher", "style_teacher", "grpo_mix", "cascade", "cold_start",
+        "opd_without_mar", "opd"]
+
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--quick", "--no-progress", f"output_dir={out}"]) == 0
-    stages = ["teachers/composition_teacher", "teachers/text_teacher", "teachers/style_teacher", "grpo_mix",
-              "cold_start", "opd_without_mar", "opd", "evaluate"]
-    assert all((out / s / "DONE.json").exists() for s in stages)
+    assert all((out / s / "DONE.json").exists() for s in ["cold_start", "opd_without_mar", "opd", "evaluate"])
+    assert not (out / "teachers").exists()  # stage 1 is shipped, not retrained
     rows = json.loads((out / "report" / "table.json").read_text())
-    assert list(rows) == ["base", "composition_teacher", "text_teacher", "style_teacher", "grpo_mix",
-                          "cold_start", "opd_without_mar", "opd"]
+    assert list(rows) == ROWS
     for name, r in rows.items():
         assert set(r) == {"composition", "text", "style", "average"}
-        assert all(0.0 <= v <= 1.0 for v in r.values()), (name, r)
-        assert np.isclose(r["average"], np.mean([r["composition"], r["text"], r["style"]]))
+        assert all(0.0 <= c["lo"] <= c["mean"] <= c["hi"] <= 1.0 for c in r.values()), (name, r)
+        assert np.isclose(r["average"]["mean"], np.mean([r[t]["mean"] for t in ("composition", "text", "style")]))
     report = (out / "report" / "report.md").read_text()
-    assert "| opd |" in report and "GRPO-Mix" in report and "text: OPD" in report
+    for claim in ("composition: composition_teacher − base", "text: opd − text_teacher", "average: opd − grpo_mix",
+                  "average: opd − cascade", "average: opd − opd_without_mar"):
+        assert claim in report, claim
+    assert "95% CI" in report
     for f in ("curves.png", "grid_composition.png", "grid_text.png", "grid_style.png"):
         assert (out / "report" / f).stat().st_size > 1000, f
     opd = [json.loads(line) for line in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["reward_per_task"] and set(m["reward_per_task"]) <= {"composition", "text", "style"} for m in opd)
-    assert "report:" in capsys.readouterr().out
+    assert "report:" in capsys.readouterr().err
 
 
-def test_shipped_demo_configs_validate_and_their_prompt_files_read():
-    for name in ("demo.yaml", "demo_gpu.yaml"):
-        recipe = Recipe(yaml.safe_load((ROOT / "configs" / name).read_text()))
-        recipe.check_data()
-        assert set(recipe.stages["opd"].route) == {"composition", "text", "style"}, name
+def test_demo_and_stage1_configs_validate_and_share_one_evaluation():
+    """The demo reuses the shipped stage-1 scores only if both evaluate with the same settings."""
+    demo_raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    stage1_raw = yaml.safe_load((ROOT / "configs" / "world_stage1.yaml").read_text())
+    assert demo_raw["evaluate"]["reuse"] == "assets/world/stage1/evaluation"
+    assert {k: v for k, v in demo_raw["evaluate"].items() if k != "reuse"} == stage1_raw["evaluate"]
+    for raw in (demo_raw, stage1_raw, yaml.safe_load((ROOT / "configs" / "demo_gpu.yaml").read_text())):
+        Recipe(raw).check_data()
+    recipe = Recipe(demo_raw)
+    assert set(recipe.stages["opd"].route) == {"composition", "text", "style"}
+    shipped = ROOT / "assets" / "world" / "stage1"
+    for name in recipe.teachers:
+        assert (shipped / name / "adapter_model.safetensors").exists(), name
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    teachers = sum(manifest["models"][t]["samples"] for t in recipe.teachers)
+    assert manifest["models"]["grpo_mix"]["samples"] == manifest["models"]["cascade"]["samples"] == teachers
+    from pipelines.evaluate import load_prompts, settings_fingerprint
+    ev = recipe.stages["evaluate"]
+    index = json.loads((shipped / "evaluation" / "index.json").read_text())
+    assert settings_fingerprint(ev, load_prompts(ev)) == index["settings"]  # same prompts, seeds, sampler, base

@@ -35,9 +35,27 @@ def test_kl_weights_match_measured_values():
     for got, want in zip(w.tolist(), MEASURED_W):
         assert got == pytest.approx(want, rel=0.06)
     assert w[-1] / w[0] > 500  # late steps dominate
-    # the released code's weighting omits |dt|
+
+
+@pytest.mark.parametrize("j", [0, 5, 9])
+def test_released_kl_weight_is_the_released_formula(j):
+    """The released Flow-OPD KL, mean(dmu^2) / (2 std^2) on the Euler-Maruyama means written out here,
+    equals kl_weights(exact=False) * mean(dv^2); it is the exact weight times |dt|."""
+    torch.manual_seed(j)
     sig = shifted_sigmas(10, 3.0)
-    assert torch.allclose(kl_weights(sig, 0.7, exact=False) * (sig[:-1] - sig[1:]), w, rtol=1e-5)
+    a = 0.7
+    s, s_next = sig[j].double().item(), sig[j + 1].double().item()
+    std = a * math.sqrt(s / (1 - (sig[1].item() if s == 1 else s)))
+    dt = s_next - s
+    x, v_s, v_t = (torch.randn(4, 16, dtype=torch.float64) for _ in range(3))
+
+    def mean(v):
+        return x * (1 + std ** 2 / (2 * s) * dt) + v * (1 + std ** 2 * (1 - s) / (2 * s)) * dt
+    released = ((mean(v_s) - mean(v_t)) ** 2).mean(1) / (2 * std ** 2)
+    ours = kl_weights(sig, a, exact=False)[j].double() * ((v_s - v_t) ** 2).mean(1)
+    assert torch.allclose(ours, released, rtol=1e-5)
+    exact = kl_weights(sig, a)[j].double() * abs(dt)
+    assert kl_weights(sig, a, exact=False)[j].item() == pytest.approx(exact.item(), rel=1e-5)
 
 
 def test_mean_is_paper_eq11_and_ode_limit():
@@ -120,3 +138,68 @@ def test_std_uses_second_sigma_at_one():
     sig = shifted_sigmas(10, 3.0)
     assert sde_std(sig, 0.7)[0].item() == pytest.approx(0.7 * math.sqrt(1 / (1 - sig[1].item())), rel=1e-5)
     assert kl_weights(sig, 0.0).tolist() == pytest.approx(((sig[:-1] - sig[1:]) ** 2 / 2).tolist(), rel=1e-5)
+
+
+def test_the_math_keeps_to_the_device_of_its_inputs():
+    """Every formula run on `meta` tensors: a constant table or intermediate created on another device
+    (which fails on a GPU with "Expected all tensors to be on the same device") raises here too."""
+    from flowopd.grpo import grpo_loss
+    dev = torch.device("meta")
+    sig = shifted_sigmas(10, 3.0).to(dev)
+    std = sde_std(sig, 0.7)
+    w = kl_weights(sig, 0.7)
+    j = torch.tensor([0, 3, 8], device=dev)
+    x, v, vt, x_next = (torch.empty(3, 4, 2, 2, device=dev) for _ in range(4))
+    logp_old = torch.empty(3, device=dev)
+    outs = [transition_mean(x, v, sig[j], sig[j + 1], std[j]), transition_scale(sig[j], sig[j + 1], std[j]),
+            opd_loss(v, vt, w[j]), opd_pg_loss(v, vt, x, x_next, logp_old, sig[j], sig[j + 1], std[j], 0.1),
+            *grpo_loss(v, vt, x, x_next, logp_old, torch.empty(3, device=dev), sig[j], sig[j + 1], std[j], 1e-4, 0.04),
+            *sde_step(x, v, sig[0], sig[1], 0.0), kl_weights(sig, 0.0), cfg_velocity(v, vt, 4.5)]
+    assert all(o.device == dev for o in outs)
+
+
+def test_ode_loss_is_half_the_squared_distance_of_euler_means():
+    """DiffusionOPD's deterministic case: w_j * ||dv||^2 = 1/2 ||mu_theta - mu_T||^2 with mu = x + dt v."""
+    torch.manual_seed(3)
+    sig = shifted_sigmas(10, 3.0)
+    w = kl_weights(sig, 0.0)
+    x, v_s, v_t = (torch.randn(5, 4, 3, 3) for _ in range(3))
+    for j in (0, 4, 9):
+        dt = (sig[j + 1] - sig[j]).item()
+        mean_matching = 0.5 * ((x + dt * v_s) - (x + dt * v_t)).pow(2).flatten(1).sum(1)
+        dims = x[0].numel()
+        assert torch.allclose(opd_loss(v_s, v_t, w[j]) * dims, mean_matching, rtol=1e-5)
+
+
+@pytest.mark.parametrize("j", [1, 5, 8])
+def test_small_noise_sde_gradient_points_along_mean_matching(j):
+    """As a -> 0 the per-step SDE objective (exact KL, and the average of its policy-gradient estimator)
+    has the direction of the mean-matching gradient; only the scale w_j(a) differs."""
+    g = torch.Generator().manual_seed(j)
+    sig = shifted_sigmas(10, 3.0)
+    x = torch.randn(1, 8, generator=g)
+    theta0 = torch.randn(1, 8, generator=g)
+    a, n = 0.05, 200_000  # the teacher's transition is KL 2 away at this noise (so the estimator is usable)
+    v_t = theta0 + torch.randn(1, 8, generator=g) * (2 / (kl_weights(sig, a)[j] * 8)) ** 0.5
+
+    def grad(loss_fn):
+        theta = theta0.clone().requires_grad_(True)
+        loss_fn(theta).sum().backward()
+        return theta.grad.flatten()
+
+    ode = grad(lambda th: opd_loss(th, v_t, kl_weights(sig, 0.0)[j]))
+    for level in (0.3, 0.05, 0.01):
+        sde = grad(lambda th, level=level: opd_loss(th, v_t, kl_weights(sig, level)[j]))
+        assert torch.nn.functional.cosine_similarity(sde, ode, dim=0) > 1 - 1e-6
+    # the score-function form at small noise, averaged over many transitions, agrees too
+    std = sde_std(sig, a)
+    scale = transition_scale(sig[j], sig[j + 1], std[j])
+
+    def pg(th):
+        with torch.no_grad():
+            mean = transition_mean(x, th, sig[j], sig[j + 1], std[j])
+            x_next = mean + scale * torch.randn(n, 8, generator=g)
+            logp_old = gaussian_logprob(x_next, mean.expand(n, 8), scale)
+        return opd_pg_loss(th.expand(n, 8), v_t.expand(n, 8), x.expand(n, 8), x_next, logp_old,
+                           sig[j], sig[j + 1], std[j]).mean().reshape(1)
+    assert torch.nn.functional.cosine_similarity(grad(pg), ode, dim=0) > 0.98

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowopd.config import ConfigError, GRPOConfig
-from flowopd.grpo import group_advantages, grpo_loss, informative_groups
+from flowopd.grpo import ema_decay_at, ema_update, group_advantages, grpo_loss, informative_groups
 from flowopd.preflight import check_reward_specs
 from rewards import RewardError, load_reward_class, make_reward
 from rewards.base import check_outputs
@@ -89,3 +89,17 @@ def test_merging_worker_scores_where_a_worker_had_no_prompt_of_a_task():
     assert list(merged["comp"]) == ["comp", "strict"]
     np.testing.assert_array_equal(merged["comp"]["comp"], [0.5, 1.0, np.nan])
     np.testing.assert_array_equal(merged["style"]["style"], [np.nan, np.nan, 0.3])
+
+
+def test_ema_follows_flow_grpo_schedule():
+    """decay min((1+s)/(10+s), 0.9): 0.5 at s=8, 0.9 from s=80 on; an update is the convex combination."""
+    assert ema_decay_at(8, 0.9) == pytest.approx(9 / 18)
+    assert ema_decay_at(16, 0.9) == pytest.approx(17 / 26)
+    assert ema_decay_at(79, 0.9) == pytest.approx(80 / 89)
+    assert ema_decay_at(80, 0.9) == pytest.approx(0.9) and ema_decay_at(5000, 0.9) == pytest.approx(0.9)
+    ema, new = {"w": np.zeros(3)}, {"w": np.ones(3)}
+    np.testing.assert_allclose(ema_update(ema, new, 8, 0.9)["w"], 0.5)
+    # three updates every 8 steps from zero towards a constant 1: 1 - prod(d_s)
+    for s in (8, 16, 24):
+        ema = ema_update(ema, new, s, 0.9)
+    np.testing.assert_allclose(ema["w"], 1 - (9 / 18) * (17 / 26) * (25 / 34))

@@ -141,7 +141,7 @@ def test_grpo_mix_logs_each_reward(tiny_assets, tmp_path, mixing):
         rewards[0]["tasks"], rewards[1]["tasks"] = ["geneval"], ["ocr"]
     cfg = _grpo_config(tiny_assets, tmp_path, **{"rewards": rewards, "data.mixing": mixing, "train.steps": 4,
                                                  "data.prompts_per_step": 2, "grpo.ema_decay": 0.9,
-                                                 "grpo.ema_every": 2})
+                                                 "grpo.ema_every": 2, "logger.backend": "tensorboard"})
     tr = GRPOTrainer(cfg, preflight(cfg))
     try:
         hist = tr.run(progress=False)
@@ -155,6 +155,11 @@ def test_grpo_mix_logs_each_reward(tiny_assets, tmp_path, mixing):
         assert [list(m["reward_per_task"]) for m in hist] == [["geneval"], ["ocr"], ["geneval"], ["ocr"]]
         assert [set(m["rewards"]) for m in hist] == [{"bright"}, {"dark"}, {"bright"}, {"dark"}]
     assert (tmp_path / "checkpoints" / "step_00000004" / "ema" / "adapter_model.safetensors").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    bright = [e.value for e in events.Scalars("reward_output/bright/brightness")]
+    assert bright == pytest.approx([m["rewards"]["bright"]["brightness"] for m in hist if "bright" in m["rewards"]])
 
 
 def test_grpo_config_errors(tiny_assets, tmp_path):

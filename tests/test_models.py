@@ -72,3 +72,43 @@ def test_adapter_checks_name_the_problem(tiny_assets, tmp_path):
     with pytest.raises(ValueError, match="does not fit"):
         check_adapter_fits(str(tmp_path / "wrong_shape"), base)
     check_adapter_fits(str(tiny_assets / "teachers" / "anchor"), base)
+
+
+def test_pickled_adapters_are_accepted(tiny_assets, tmp_path):
+    """peft's older adapter_model.bin loads and checks like the safetensors file, to the same velocity."""
+    base = str(tiny_assets / "base")
+    model = PeftModel.from_pretrained(load_transformer(base), str(tiny_assets / "teachers" / "ocr_teacher"))
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    check_adapter_fits(str(tmp_path / "bin"), base)
+    x, e, p, *_ = _inputs(tiny_assets)
+    again = PeftModel.from_pretrained(load_transformer(base), str(tmp_path / "bin"))
+    with torch.no_grad():
+        assert torch.allclose(velocity(again, x, 0.5, e, p), velocity(model, x, 0.5, e, p), atol=1e-6)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detached_unconditional_branch_gets_no_gradient(tiny_assets, detach):
+    """With detach_uncond the LoRA gradient of the guided velocity is g times that of the conditional
+    velocity alone (computed by a separate forward without CFG); without it the unconditional branch adds
+    (1 - g) times its own gradient."""
+    from flowopd.models import add_student_adapter, lora_config
+
+    x, e, p, ne, npool = _inputs(tiny_assets)
+    model = add_student_adapter(load_transformer(str(tiny_assets / "base")), lora_config(4, 8))
+    params = [q for q in model.parameters() if q.requires_grad]
+    probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    g = 4.5
+
+    def grads(fn):
+        for q in params:
+            q.grad = None
+        (fn() * probe).sum().backward()
+        return torch.cat([q.grad.flatten() for q in params])
+
+    guided = grads(lambda: velocity(model, x, 0.6, e, p, ne, npool, g, detach_uncond=detach))
+    cond = grads(lambda: velocity(model, x, 0.6, e, p))
+    uncond = grads(lambda: velocity(model, x, 0.6, ne.expand_as(e), npool.expand_as(p)))
+    want = g * cond if detach else g * cond + (1 - g) * uncond
+    assert torch.allclose(guided, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+    assert uncond.abs().max() > 0  # the unconditional branch does depend on the LoRA weights

@@ -35,6 +35,28 @@ def _app() -> FastAPI:
         return Response(pickle.dumps({"scores": means, "strict_rewards": [float(m > 0.5) for m in means],
                                       "n_meta": [len(data["meta_datas"])] * len(means)}))
 
+    @app.post("/geneval")
+    async def geneval(request: Request):
+        """The request handling of Flow-GRPO's GenEval server (reward-server's app_geneval.py and
+        gen_eval.py): JPEG-only images, `meta_datas` and `only_strict` read directly, and each metadata's
+        `tag` and `prompt` looked up (a missing key is a 500 with the traceback)."""
+        import traceback
+        try:
+            data = pickle.loads(await request.body())
+            images = [Image.open(io.BytesIO(d), formats=["jpeg"]) for d in data["images"]]
+            metas, only_strict = data["meta_datas"], data["only_strict"]
+            scores, rewards, strict = [], [], []
+            for image, meta in zip(images, metas):
+                tag, prompt = meta["tag"], meta["prompt"]
+                ok = np.asarray(image).mean() / 255.0 > 0.5 and len(prompt) > 0
+                scores.append(0.5 + 0.5 * ok if tag != "counting" else float(ok))
+                strict.append(float(ok))
+                rewards.append(0.0 if only_strict else float(ok))
+            return Response(pickle.dumps({"scores": scores, "rewards": rewards, "strict_rewards": strict,
+                                          "group_rewards": {}, "group_strict_rewards": {}}))
+        except Exception:  # noqa: BLE001 - the real server answers any failure with its traceback
+            return Response(traceback.format_exc().encode(), status_code=500)
+
     @app.post("/flaky")
     async def flaky(request: Request):
         calls["flaky"] += 1
@@ -132,3 +154,22 @@ def test_chat_judge_with_its_own_answer_format(url):
         make_reward("chat_judge", {"url": url, "model": "m", "pattern": "{tag}"})
     with pytest.raises(RewardError, match="not a regular expression"):
         make_reward("chat_judge", {"url": url, "model": "m", "pattern": "({tag}"})
+
+
+def test_geneval_server_gets_its_prompts_and_partial_credit_trains(url, tmp_path):
+    """GenEval records as Flow-GRPO ships them (the prompt inside each line) reach the server with their
+    prompt in the metadata; the first output, the one GRPO trains on, is the partial-credit `scores`."""
+    from flowopd.data import read_source
+    path = tmp_path / "train_metadata.jsonl"
+    path.write_text('{"tag": "colors", "include": [{"class": "cat", "count": 1}], "prompt": "a white cat"}\n'
+                    '{"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "two dogs"}\n')
+    records = read_source(str(path), "geneval", None)
+    r = make_reward("reward_server", {"url": f"{url}/geneval", "outputs": ["scores", "strict_rewards"],
+                                      "extra": {"only_strict": True}, "retries": 0})
+    images = np.stack([np.full((8, 8, 3), 250, np.uint8), np.full((8, 8, 3), 5, np.uint8)])
+    out = r.score(images, [x.prompt for x in records], [x.metadata for x in records])
+    assert list(out) == ["scores", "strict_rewards"]
+    assert out["scores"].tolist() == [1.0, 0.0] and out["strict_rewards"].tolist() == [1.0, 0.0]
+    without = make_reward("reward_server", {"url": f"{url}/geneval", "retries": 0})  # no only_strict: a 500
+    with pytest.raises(RewardError, match="500"):
+        without.score(images, [x.prompt for x in records], [x.metadata for x in records])

@@ -1,17 +1,26 @@
-"""A real local Ray Serve instance with the tiny model: concurrency, determinism, auth and bounds."""
+"""A real local Ray Serve instance with the tiny model: concurrency, determinism, auth, bounds, a responsive
+event loop during sampling, and the OpenAPI document checked against the live server by schemathesis."""
 import base64
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 import pytest
 import ray
 import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 from ray import serve
+from schemathesis import GenerationMode
 
-from deploy.serve import ServeConfig, build_app
+from deploy.serve import ServeConfig, build_app, main
+from flowopd.config import ModelConfig, load_config, read_yaml
 from pipelines.launch import init_ray
+from pipelines.recipe import Recipe
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = "s3cret"
+SLOW_STEPS = 300  # the server's max_steps: 3 images at this many steps sample for seconds on the tiny model
 
 
 def _free_port() -> int:
@@ -26,7 +35,7 @@ def server(tiny_assets):
         "model": {"base": str(tiny_assets / "base"), "max_sequence_length": 16, "resolution": 16},
         "models": {"base": {}, "ocr_teacher": {"adapter": str(tiny_assets / "teachers" / "ocr_teacher")}},
         "sampling": {"num_steps": 6}, "api_key": KEY, "num_cpus": 0.5, "port": _free_port(),
-        "limits": {"max_images": 3, "max_size": 32, "max_pixels": 3 * 16 * 16}})
+        "limits": {"max_images": 3, "max_steps": SLOW_STEPS, "max_size": 32, "max_pixels": 3 * 16 * 16}})
     init_ray(None)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app(cfg), name="flowopd", route_prefix="/")
@@ -40,6 +49,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def _gen(url, body, headers=AUTH):
     return requests.post(f"{url}/v1/generate", json=body, headers=headers, timeout=120)
+
+
+def _health(url) -> dict:
+    return requests.get(f"{url}/health", timeout=30).json()
 
 
 def test_concurrent_requests_are_all_answered_and_seeds_are_reproducible(server):
@@ -61,15 +74,82 @@ def test_concurrent_requests_are_all_answered_and_seeds_are_reproducible(server)
 
 
 def test_auth_bounds_and_errors_keep_the_server_serving(server):
-    assert requests.get(f"{server}/health", timeout=30).json() == {"status": "ok"}
+    assert _health(server) == {"status": "ok", "generating": 0}
     assert _gen(server, {"prompt": "x"}, headers={}).status_code == 401
     assert _gen(server, {"prompt": "x"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert _gen(server, {"prompt": 7, "seed": False}, headers={}).status_code == 401
     assert requests.get(f"{server}/v1/models", timeout=30).status_code == 401
     assert requests.get(f"{server}/v1/models", headers=AUTH, timeout=30).json()["models"] == ["base", "ocr_teacher"]
     for bad in ({"prompt": ""}, {"prompt": "x" * 600}, {"prompt": "x", "steps": 500}, {"prompt": "x", "size": 8},
-                {"prompt": "x", "num_images": 9}, {"prompt": "x", "size": 18}, {"prompt": "x", "seed": -1}, {"prompt": "x", "num_images": 2, "format": "png"}):
-        assert _gen(server, bad).status_code == 422, bad
+                {"prompt": "x", "num_images": 9}, {"prompt": "x", "size": 18}, {"prompt": "x", "seed": -1},
+                {"prompt": "x", "num_images": 2, "format": "png"}, {"prompt": "x", "seed": False},
+                {"prompt": "x", "steps": "4"}, {"prompt": "x", "steps": 4.0}, {"prompt": 7},
+                {"prompt": "x", "guidance": True}, {"prompt": "x", "sede": 3}):
+        reply = _gen(server, bad)
+        assert reply.status_code == 422, bad
+        assert reply.json()["detail"][0]["loc"][0] == "body", bad
     assert _gen(server, {"prompt": "x", "num_images": 3, "size": 32}).status_code == 413
     assert _gen(server, {"prompt": "x", "model": "nope"}).status_code == 404
-    assert _gen(server, {"prompt": "still here", "seed": 1}).status_code == 200
-    assert requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]["/v1/generate"]
+    assert _gen(server, {"prompt": "still here", "seed": 1, "guidance": 4}).status_code == 200
+
+
+def test_health_answers_while_a_batch_is_generating(server):
+    """Sampling runs in a worker thread, so the replica's event loop answers /health mid-batch."""
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_gen, server, {"prompt": "a slow one", "num_images": 3, "steps": SLOW_STEPS})
+        generating = 0
+        while not generating and not wait([slow], timeout=0.02).done:
+            generating = _health(server)["generating"]
+        assert generating == 3, "/health never answered while the batch was sampling"
+        assert slow.result().status_code == 200
+    assert _health(server)["generating"] == 0
+
+
+def test_every_status_code_is_documented(server):
+    paths = requests.get(f"{server}/openapi.json", timeout=30).json()["paths"]
+    answers = {(path, method): set(op["responses"]) for path, ops in paths.items() for method, op in ops.items()}
+    assert answers == {("/health", "get"): {"200"}, ("/v1/models", "get"): {"200", "401"},
+                       ("/v1/generate", "post"): {"200", "400", "401", "404", "413", "422"}}
+    assert all(r["description"] for ops in paths.values() for op in ops.values() for r in op["responses"].values())
+
+
+def _fuzz(op, mode: GenerationMode) -> int:
+    """Run schemathesis' checks on generated requests to one operation; returns how many it sent."""
+    sent = 0
+
+    @given(op.as_strategy(mode))
+    @settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    def check(case):
+        nonlocal sent
+        sent += 1
+        case.call_and_validate(headers=AUTH)
+
+    check()
+    return sent
+
+
+def test_the_live_server_keeps_to_its_openapi_document(server):
+    schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
+    sent = {}
+    for op in (result.ok() for result in schema.get_all_operations()):
+        # /v1/generate: invalid bodies only, which fail validation before sampling (the tests above send valid ones)
+        mode = GenerationMode.NEGATIVE if op.path == "/v1/generate" else GenerationMode.POSITIVE
+        sent[op.label] = _fuzz(op, mode)
+    assert set(sent) == {"GET /health", "GET /v1/models", "POST /v1/generate"} and all(sent.values()), sent
+
+
+def test_demo_serve_config_serves_what_the_demo_trains():
+    """configs/demo_serve.yaml names the demo's base, student and teachers and samples like its evaluation;
+    the adapters exist only once the demo has run, which `python -m deploy.serve` checks at launch."""
+    cfg = load_config(str(ROOT / "configs" / "demo_serve.yaml"), cls=ServeConfig)
+    recipe = Recipe(read_yaml(ROOT / "configs" / "demo.yaml"))
+    evaluated = recipe.stages["evaluate"]
+    assert cfg.model == ModelConfig.model_validate(recipe.defaults["model"])
+    assert cfg.sampling == evaluated.sampling
+    assert set(cfg.models) == {"base", "opd", *recipe.teachers} and cfg.default_model == "opd"
+    assert {n: m.adapter for n, m in cfg.models.items()} == {n: evaluated.models[n].adapter for n in cfg.models}
+
+
+def test_launch_names_a_missing_adapter(capsys):
+    assert main(["--config", str(ROOT / "configs" / "demo_serve.yaml"), "models.opd.adapter=runs/demo/nowhere/adapter"]) == 2
+    assert "models.opd.adapter: runs/demo/nowhere/adapter" in capsys.readouterr().err
