@@ -1,4 +1,4 @@
-"""The OPD step loop (DESIGN.md §2): rollout -> label by routed teacher + MAR -> DDP learn -> weight sync."""
+"""The OPD step loop: rollout -> label by routed teacher + MAR -> DDP learn -> weight sync."""
 import time
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Flow-matching math in one place (diffusers / SD3 convention, see DESIGN.md §3).
+"""Flow-matching math in one place (diffusers / SD3 convention; docs/method.md states each formula).
 
 sigma in [0, 1]: 1 is pure noise, 0 is data; x_sigma = (1 - sigma) x_data + sigma eps; the model
 predicts v = eps - x_data; an Euler step is x' = x + (sigma' - sigma) v. Everything here is fp32.

@@ -1,6 +1,6 @@
 """Flow-GRPO (stage 1) in one place: group advantages, the clipped-ratio surrogate, KL to the reference.
 
-Follows DESIGN.md §3: A = (r - mean_prompt) / (std_all + 1e-4) clipped to +-5; groups whose advantages
+As in docs/method.md: A = (r - mean_prompt) / (std_all + 1e-4) clipped to +-5; groups whose advantages
 are all zero are skipped; per state L = max(-A r, -A clip(r, 1-eps, 1+eps)) with r = exp(logp - logp_old);
 KL to the reference (the model with its adapter disabled) beta ||mu - mu_ref||^2 / (2 std^2), averaged
 over dimensions (Flow-GRPO's scale, without |dt|). The exported weights are an EMA with Flow-GRPO's

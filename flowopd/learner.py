@@ -35,6 +35,8 @@ class Learner:
         self.autocast = dtype if dtype != torch.float32 else None
         s = cfg.student
         base = load_transformer(cfg.student_base(), dtype, self.device)
+        if cfg.learner.gradient_checkpointing:
+            base.enable_gradient_checkpointing()
         torch.manual_seed(cfg.seed)  # the same fresh LoRA init on every rank and in every run
         self.model = add_student_adapter(base, lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init),
                                          s.init_adapter)

@@ -1,4 +1,4 @@
-"""A text-to-image world small enough for one CPU (issue 6): prompts from a grammar for three tasks,
+"""A text-to-image world small enough for one CPU: prompts from a grammar for three tasks,
 and exact renderings of what each prompt asks for, so rewards can be exact programs.
 
 * composition: coloured shapes with counts and left/right relations (GenEval-style metadata);

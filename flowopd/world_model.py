@@ -1,4 +1,4 @@
-"""The world's base model (issue 6): the "world" preset of the real SD3 classes, trained on one CPU.
+"""The world's base model: the "world" preset of the real SD3 classes, trained on one CPU.
 
 Two phases, both plain PyTorch: the VAE learns to reconstruct 32 px renderings (its latent statistics
 then set the pipeline's shift and scaling factors), and the transformer learns them by rectified-flow

@@ -19,9 +19,9 @@ from actors.opd_trainer import OPDTrainer
 from actors.resources import check_cluster_resources
 from flowopd.config import OPDConfig, apply_overrides
 from flowopd.models import save_random_model
-from flowopd.preflight import preflight
 from flowopd.tiny import ensure_tiny_assets, make_random_adapter, write_prompt_files
 from pipelines.launch import init_ray
+from pipelines.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("rollout", "label", "learn", "sync", "other")

@@ -151,9 +151,9 @@ def main(argv=None) -> int:
             raise ConfigError(f"defaults.model.base: {base} does not exist (the world model ships in "
                               f"assets/world; `python -m pipelines.train_world` rebuilds it)")
         if not args.retrain_stage1:
-            for name in recipe.teachers:
-                adapter = Path(recipe.teacher_adapter(name))
-                if not adapter.exists():
+            given = {n: spec["adapter"] for n, spec in recipe.teachers.items() if "adapter" in spec}
+            for name, adapter in given.items():  # teachers with a `grpo:` body are trained by the recipe
+                if not Path(adapter).exists():
                     raise ConfigError(f"teachers.{name}.adapter: {adapter} does not exist (the stage-1 models "
                                       f"ship in {SHIPPED_STAGE1}; --retrain-stage1 trains them)")
     except (ConfigError, DataError) as e:

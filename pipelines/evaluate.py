@@ -31,10 +31,10 @@ from flowopd.config import ConfigError, EvalConfig, load_config
 from flowopd.data import DataError
 from flowopd.hub import resolve_config
 from flowopd.models import adapter_weights_file, check_adapter_fits, transformer_config
-from flowopd.preflight import check_logger, check_resolution, check_reward_specs, read_sources
 from flowopd.tiny import ensure_tiny_assets
 from flowopd.tracking import make_tracker
 from pipelines.launch import init_ray
+from pipelines.preflight import check_logger, check_resolution, check_reward_specs, read_sources
 
 log = logging.getLogger("evaluate")
 SPOT_CHECK = 4  # images re-sampled to confirm that reused results reproduce here

@@ -11,8 +11,8 @@ from actors.resources import check_cluster_resources, requested_resources
 from flowopd.checkpoint import CheckpointManager
 from flowopd.config import MIN_SAMPLES_PER_UPDATE, ConfigError, load_config
 from flowopd.data import DataError
-from flowopd.preflight import preflight
 from flowopd.tiny import ensure_tiny_assets
+from pipelines.preflight import preflight
 
 
 def setup_logging() -> None:

@@ -33,12 +33,12 @@ from flowopd.config import (
     validate,
 )
 from flowopd.data import DataError
-from flowopd.preflight import preflight, read_sources
 from flowopd.tiny import ensure_tiny_assets
 from pipelines.cold_start import run_merge
 from pipelines.evaluate import evaluate, preflight_eval
 from pipelines.grpo import export_adapter
 from pipelines.launch import init_ray, setup_logging, train
+from pipelines.preflight import preflight, read_sources
 
 log = logging.getLogger("recipe")
 STAGE_KEYS = ("defaults", "teachers", "grpo_mix", "cascade", "cold_start", "opd", "opd_without_mar", "evaluate")

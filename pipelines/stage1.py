@@ -24,8 +24,8 @@ from pathlib import Path
 from flowopd.config import ConfigError, GRPOConfig
 from flowopd.data import DataError
 from flowopd.models import adapter_weights_file
-from flowopd.preflight import read_sources
 from pipelines.launch import setup_logging
+from pipelines.preflight import read_sources
 from pipelines.recipe import Recipe, load_recipe, shorten
 from pipelines.report import (
     Results,

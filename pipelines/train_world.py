@@ -1,4 +1,4 @@
-"""Train the world's base model and write its prompt files (issue 6); the shipped assets/world/ came from
+"""Train the world's base model and write its prompt files; the shipped assets/world/ came from
 
     python -m pipelines.train_world --output assets/world
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from flowopd.config import ConfigError, EvalConfig, GRPOConfig, OPDConfig, load_config
-from flowopd.preflight import check_reward_specs, preflight
+from pipelines.preflight import check_reward_specs, preflight
 from tests.conftest import tiny_config_dict
 
 
@@ -160,3 +160,10 @@ def test_check_validates_and_stops_before_ray(tiny_assets, tmp_path, capsys):
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
     assert opd_main(["--config", str(cfg), "--check", "data.sources.0.path=/nonexistent.jsonl"]) == 2
     assert "/nonexistent.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls", ["TeacherConfig", "EvalModel"])
+def test_a_model_has_one_source(cls):
+    import flowopd.config as c
+    with pytest.raises(ValueError, match="either `adapter` or `transformer`"):
+        getattr(c, cls).model_validate({"adapter": "a", "transformer": "t"})

@@ -36,3 +36,18 @@ def test_a_learner_step_stays_on_the_model_device(tiny_assets, tmp_path, kind):
     learner = Learner(cfg, device="meta")
     terms, grad_norm = learner.step(_batch(tiny_assets, pg=kind == "policy_gradient", grpo=kind == "grpo"), 6)
     assert grad_norm.device.type == "meta" and terms and all(t.device.type == "meta" for t in terms.values())
+
+
+def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_assets, tmp_path):
+    """Recomputing activations in the backward pass is a memory trade, never a different update."""
+    states = []
+    for ckpt in (False, True):
+        cfg = OPDConfig.model_validate(tiny_config_dict(tiny_assets, tmp_path, **{"learner.gradient_checkpointing": ckpt}))
+        learner = Learner(cfg, device="cpu")
+        assert learner.model.base_model.model.gradient_checkpointing is ckpt
+        learner.train_step(_batch(tiny_assets), 6)
+        states.append(learner.lora_state())
+    moved = max(np.abs(states[0][k]).max() for k in states[0] if "lora_B" in k)
+    assert moved > 1e-4
+    for k in states[0]:
+        np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-5, atol=1e-7, err_msg=k)

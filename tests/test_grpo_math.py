@@ -7,7 +7,7 @@ import torch
 
 from flowopd.config import ConfigError, GRPOConfig
 from flowopd.grpo import ema_decay_at, ema_update, group_advantages, grpo_loss, informative_groups
-from flowopd.preflight import check_reward_specs
+from pipelines.preflight import check_reward_specs
 from rewards import RewardError, load_reward_class, make_reward
 from rewards.base import check_outputs
 

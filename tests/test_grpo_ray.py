@@ -12,11 +12,11 @@ import yaml
 from actors.grpo_trainer import GRPOTrainer
 from actors.reward import RewardPools
 from flowopd.config import ConfigError, EvalConfig, GRPOConfig, RewardSpec, load_config
-from flowopd.preflight import preflight
 from pipelines.evaluate import evaluate, preflight_eval
 from pipelines.grpo import main as grpo_main
 from pipelines.launch import init_ray
 from pipelines.opd import main as opd_main
+from pipelines.preflight import preflight
 from rewards import RewardError
 from tests.conftest import ROOT, tiny_config_dict
 

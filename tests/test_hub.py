@@ -6,7 +6,7 @@ import pytest
 
 from flowopd.config import ConfigError, OPDConfig
 from flowopd.hub import resolve
-from flowopd.preflight import preflight
+from pipelines.preflight import preflight
 from tests.conftest import tiny_config_dict
 
 

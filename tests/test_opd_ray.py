@@ -19,9 +19,9 @@ from flowopd.config import ConfigError, OPDConfig
 from flowopd.flow import sde_std, sde_step, shifted_sigmas
 from flowopd.learner import Learner
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
-from flowopd.preflight import preflight
 from flowopd.tiny import GENEVAL, OCR
 from pipelines.launch import init_ray
+from pipelines.preflight import preflight
 from tests.conftest import tiny_config_dict, velocity_gaps
 
 

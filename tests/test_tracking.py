@@ -44,7 +44,7 @@ def test_tensorboard_events_read_back_and_resume_purges(tmp_path):
 def test_a_missing_backend_is_named_before_anything_runs(tmp_path, monkeypatch):
     import importlib.util
 
-    from flowopd.preflight import check_logger
+    from pipelines.preflight import check_logger
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
 

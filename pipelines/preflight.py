@@ -3,11 +3,11 @@ import inspect
 import json
 from pathlib import Path
 
-from .config import ConfigError, GRPOConfig, JobConfig
-from .data import DataError, PromptRecord, read_source
-from .hub import resolve_config
-from .models import check_adapter_fits, transformer_config
-from .tracking import missing_backend
+from flowopd.config import ConfigError, GRPOConfig, JobConfig
+from flowopd.data import DataError, PromptRecord, read_source
+from flowopd.hub import resolve_config
+from flowopd.models import check_adapter_fits, transformer_config
+from flowopd.tracking import missing_backend
 
 
 def check_logger(cfg) -> None:
