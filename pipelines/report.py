@@ -93,7 +93,7 @@ def reach_claims(res: Results, student: str, route: dict[str, str], reach: float
         if teacher in res.models and student in res.models:
             d, t = res.diff(student, teacher, task), res.mean(teacher, task).mean
             ratio = (t + d.mean) / t if t else float("nan")
-            lines.append(f"* {verdict(d, f'{task}: {student} − {teacher}')}; {student} reaches {ratio:.0%} of "
+            lines.append(f"* {verdict(d, f'{task}: {student} − {teacher}')}; {student} reaches {ratio:.1%} of "
                          f"the teacher ({'≥' if ratio >= reach else '<'} {reach:.0%})")
     return lines
 

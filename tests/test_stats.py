@@ -50,3 +50,8 @@ def test_bad_input_is_named():
         bootstrap_mean(np.ones(3), np.ones(2))
     with pytest.raises(ValueError, match="finite"):
         bootstrap_mean(np.array([1.0, np.nan]), np.zeros(2))
+
+
+def test_a_constant_has_a_point_interval():
+    est = bootstrap_mean(np.full(18, 1 / 3), np.repeat(np.arange(3), 6))
+    assert est.lo <= est.mean <= est.hi and est.hi - est.lo < 1e-12
