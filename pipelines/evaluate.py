@@ -47,7 +47,7 @@ def _hash_files(paths) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(spec: dict, base: str) -> str:
+def model_fingerprint(spec: dict) -> str:
     """Identifies a model by its weights (not its path) and its guidance."""
     if spec.get("adapter"):
         weights = _hash_files([adapter_weights_file(spec["adapter"])])
@@ -117,7 +117,7 @@ def preflight_eval(cfg: EvalConfig):
     check_reward_specs(cfg.rewards)
     records = load_prompts(cfg)
     for r in records:
-        cfg.samples_for(r.task)
+        cfg.samples_for(r.task)  # raises, naming the task, when samples_per_prompt has no count for it
         if not any(s.applies_to(r.task) for s in cfg.rewards):
             raise ConfigError(f"rewards: no reward applies to task {r.task!r} (prompt {r.prompt!r})")
     return records
@@ -199,7 +199,7 @@ def evaluate(cfg: EvalConfig, records) -> dict:
     rc = cfg.rollout
     models = {name: m.model_dump() for name, m in cfg.models.items()}
     settings = settings_fingerprint(cfg, records)
-    fingerprints = {name: model_fingerprint(spec, cfg.model.base) for name, spec in models.items()}
+    fingerprints = {name: model_fingerprint(spec) for name, spec in models.items()}
     reused = reusable_rows(cfg, settings, fingerprints)
     samplers = [ray.remote(Sampler).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
                                             resources=rc.resources or None)

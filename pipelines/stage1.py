@@ -61,7 +61,7 @@ def stage_settings(cfg: GRPOConfig) -> dict:
         "learner": {k: d["learner"][k] for k in ("lr", "weight_decay", "betas", "grad_clip", "ranks")}}
 
 
-def manifest(recipe: Recipe, models: dict, res: Results, rows: dict) -> dict:
+def manifest(recipe: Recipe, models: dict, rows: dict) -> dict:
     done = {s: json.loads((recipe.out / s / "DONE.json").read_text()) for s in recipe.stages}
     entries = {}
     for name, m in models.items():
@@ -71,7 +71,7 @@ def manifest(recipe: Recipe, models: dict, res: Results, rows: dict) -> dict:
                          "minutes": round(sum(done[s].get("minutes", 0) for s in stages), 1),
                          "settings": {s: stage_settings(recipe.stages[s]) for s in stages}}
     ev = recipe.stages["evaluate"]
-    return {"base": str(recipe.stages["evaluate"].model.base), "seed": ev.seed, "models": entries,
+    return {"base": str(ev.model.base), "seed": ev.seed, "models": entries,
             "evaluation": {"samples_per_prompt": ev.samples_per_prompt, "sampling": ev.sampling.model_dump(mode="json"),
                            "sources": [s.path for s in ev.data.sources], "rows": rows_json(rows)},
             "minutes": {s: d.get("minutes") for s, d in done.items()}}
@@ -106,7 +106,7 @@ def publish(recipe: Recipe, dest: Path, force: bool) -> Path:
     shutil.copytree(ev_dir, tmp / "evaluation", ignore=shutil.ignore_patterns("DONE.json"))
     training = [s for s in recipe.stages if s != "evaluate"]
     training_curves(recipe.out, training, res.tasks, tmp / "curves.png")
-    doc = manifest(recipe, models, res, rows)
+    doc = manifest(recipe, models, rows)
     claims = teacher_claims(res, route(recipe)) + comparison_claims(
         res, [("grpo_mix", "base"), ("cascade", "base"), ("cascade", "grpo_mix")])
     doc["claims"] = [c.removeprefix("* ") for c in claims]

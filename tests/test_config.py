@@ -155,6 +155,7 @@ def test_check_validates_and_stops_before_ray(tiny_assets, tmp_path, capsys):
     from pipelines.opd import main as opd_main
     cfg = tmp_path / "opd.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config_dict(tiny_assets, tmp_path / "run")))
+    ray.shutdown()  # an earlier test's instance; later ones start their own
     assert opd_main(["--config", str(cfg), "--check"]) == 0
     assert "route:" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
