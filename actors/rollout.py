@@ -14,7 +14,7 @@ from flowopd.models import (
     resolve_device,
     resolve_dtype,
 )
-from flowopd.rollout import sample_generators, sample_trajectories
+from flowopd.rollout import initial_generators, sample_generators, sample_trajectories, sde_schedule
 
 
 class RolloutWorker:
@@ -32,7 +32,6 @@ class RolloutWorker:
         self.version = -1
         sc = cfg.sampling
         self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
-        self.num_train_steps = max(1, int(sc.num_steps * sc.train_timestep_fraction))
         self.neg = encode_prompts(self.pipe, [sc.negative_prompt], cfg.model.max_sequence_length)
         side = cfg.model.resolution // self.pipe.vae_scale_factor
         self.latent_shape = (self.pipe.transformer.config.in_channels, side, side)
@@ -54,24 +53,27 @@ class RolloutWorker:
         autocast = self.dtype if self.dtype != torch.float32 else None
         sample_prompt = np.repeat(np.arange(len(prompts)), G)
         sample_ids = np.repeat(np.asarray(prompt_ids), G) * G + np.tile(np.arange(G), len(prompts))
+        stochastic, trained = sde_schedule(sc.num_steps, sc, cfg.seed, step)
         outs = []
         bs = cfg.rollout.batch_size
         for i in range(0, len(sample_prompt), bs):
             pi = torch.as_tensor(sample_prompt[i:i + bs])
-            gens = sample_generators(cfg.seed, step, sample_ids[i:i + bs], dev)
+            ids = sample_ids[i:i + bs]
             outs.append(sample_trajectories(
                 self.model, embeds[pi].to(dev), pooled[pi].to(dev), self.neg[0].to(dev), self.neg[1].to(dev),
-                self.sigmas, sc.noise_level, sc.guidance, self.latent_shape, gens, self.num_train_steps, autocast))
+                self.sigmas, sc.noise_level, sc.guidance, self.latent_shape, sample_generators(cfg.seed, step, ids, dev),
+                trained, autocast, stochastic, initial_generators(cfg.seed, step, ids, G, sc.same_latent, dev)))
         x, x_next, logp = (torch.cat([o[k] for o in outs], dim=1) for k in range(3))
         J, B = x.shape[:2]
+        step_idx = np.repeat(np.asarray(trained), B)
         pg = cfg.needs_transitions()  # only score-function losses need x' and log-probs
         final = torch.cat([o[3] for o in outs])
         return {
             "x": x.flatten(0, 1).cpu().numpy(), "x_next": x_next.flatten(0, 1).cpu().numpy() if pg else None,
             "logp_old": logp.flatten().cpu().numpy() if pg else None,
-            "step_idx": np.repeat(np.arange(J), B), "prompt_idx": np.tile(sample_prompt, J),
+            "step_idx": step_idx, "prompt_idx": np.tile(sample_prompt, J),
             "sample_idx": np.tile(np.arange(B), J), "sample_prompt": sample_prompt,
-            "sigma": self.sigmas[np.repeat(np.arange(J), B)].numpy(),
+            "sigma": self.sigmas[step_idx].numpy(),
             "embeds": embeds.numpy(), "pooled": pooled.numpy(),
             "neg_embeds": self.neg[0].numpy(), "neg_pooled": self.neg[1].numpy(),
             "images": decode_images(self.pipe, final) if decode else None,

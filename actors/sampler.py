@@ -56,7 +56,7 @@ class Sampler:
                 e, p = self.encode(chunk)
                 gens = sample_generators(seed, 0, sample_ids[i:i + len(chunk)], self.device)
                 *_, final = sample_trajectories(net, e.to(self.device), p.to(self.device), *self.neg, sigmas,
-                                                self.sc.noise_level, guidance, shape, gens, 0, autocast)
+                                                self.sc.noise_level, guidance, shape, gens, (), autocast)
                 out.append(decode_images(self.pipe, final) if decode else final.float().cpu().numpy())
         return np.concatenate(out)
 

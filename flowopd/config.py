@@ -73,6 +73,24 @@ class SamplingConfig(Strict):
     guidance: float = 4.5
     negative_prompt: str = ""
     train_timestep_fraction: float = Field(0.99, gt=0, le=1)
+    # Flow-GRPO-Fast: only `sde_window_size` consecutive steps are stochastic (and trained), the rest are
+    # ODE steps; the window starts anywhere in [sde_window_range[0], sde_window_range[1] - size], drawn
+    # per training step. 0 = every step stochastic, the first train_timestep_fraction of them trained.
+    sde_window_size: int = Field(0, ge=0)
+    sde_window_range: tuple[int, int] | None = None  # default: (0, num_steps)
+    # Flow-GRPO's `same_latent`: the samples of one prompt share their initial noise, so rewards within a
+    # group differ only through the stochastic steps the policy gradient sees
+    same_latent: bool = False
+
+    @model_validator(mode="after")
+    def _window(self):
+        lo, hi = self.sde_window_range or (0, self.num_steps)
+        if self.sde_window_range is not None and not 0 <= lo < hi <= self.num_steps:
+            raise ValueError(f"sde_window_range: {[lo, hi]} must satisfy 0 <= start < end <= num_steps "
+                             f"({self.num_steps})")
+        if self.sde_window_size > hi - lo:
+            raise ValueError(f"sde_window_size: {self.sde_window_size} does not fit in sde_window_range {[lo, hi]}")
+        return self
 
 
 class DataSource(Strict):
@@ -274,6 +292,13 @@ class EvalModel(ModelSource):
 class EvalSampling(SamplingConfig):
     num_steps: int = Field(40, gt=1)
     noise_level: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _every_step_alike(self):
+        for key in ("sde_window_size", "same_latent"):
+            if getattr(self, key):
+                raise ValueError(f"{key}: evaluation samples every step alike and every sample from its own noise")
+        return self
 
 
 class EvalData(Strict):

@@ -16,28 +16,61 @@ def sample_generators(seed: int, step: int, sample_ids, device) -> list[torch.Ge
     return gens
 
 
+GROUP_STREAM = 1 << 48  # keys of the per-group initial-noise generators lie above every sample id
+
+
+def initial_generators(seed: int, step: int, sample_ids, group_size: int, same_latent: bool, device):
+    """Generators for the initial noise: the samples' own, or with same_latent one per prompt group
+    (sample id // group_size), keyed apart from every sample's own stream."""
+    if not same_latent:
+        return None
+    return sample_generators(seed, step, [GROUP_STREAM + int(sid) // group_size for sid in sample_ids], device)
+
+
+def sde_schedule(num_steps: int, sampling, seed: int, step: int) -> tuple[list[int], list[int]]:
+    """(stochastic steps, trained steps) of the rollouts of one training step.
+
+    Without a window every step is stochastic and the first int(T * train_timestep_fraction) are trained.
+    With `sde_window_size` k (Flow-GRPO-Fast) only k consecutive steps are stochastic, and those are the
+    trained ones; the window's start is drawn from (seed, step), so every worker uses the same window."""
+    k = sampling.sde_window_size
+    if not k:
+        return list(range(num_steps)), list(range(max(1, int(num_steps * sampling.train_timestep_fraction))))
+    lo, hi = sampling.sde_window_range or (0, num_steps)
+    start = int(np.random.default_rng([seed, step, 0x5DE]).integers(lo, hi - k + 1))
+    window = list(range(start, start + k))
+    return window, window
+
+
 def _randn(shape, gens, device):
     return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
 
 
 @torch.no_grad()
 def sample_trajectories(model, embeds, pooled, neg_embeds, neg_pooled, sigmas, noise_level, guidance,
-                        latent_shape, gens, num_train_steps, autocast_dtype=None):
-    """Run the SDE sampler for a batch; return states (J, B, ...) for the first J steps, the sampled next
-    states, their log-probs under the sampling policy, and the final latents."""
+                        latent_shape, gens, train_steps=(), autocast_dtype=None, stochastic_steps=None,
+                        init_gens=None):
+    """Run the sampler for a batch; return the states (J, B, ...) at the steps in `train_steps` (in that
+    order), the sampled next states, their log-probs under the sampling policy, and the final latents.
+
+    Steps in `stochastic_steps` (default: all) take the SDE step with `noise_level`, the others the ODE
+    step; `init_gens` (default: `gens`) draw the initial noise."""
     device = embeds.device
     std = sde_std(sigmas, noise_level)
-    x = _randn(latent_shape, gens, device)
-    states, nexts, logps = [], [], []
+    if stochastic_steps is not None:
+        std = torch.where(torch.isin(torch.arange(len(std)), torch.as_tensor(list(stochastic_steps), dtype=torch.long)),
+                          std, torch.zeros_like(std))
+    x = _randn(latent_shape, init_gens or gens, device)
+    train_steps = list(train_steps)
+    states, nexts, logps = {}, {}, {}
     for j in range(len(sigmas) - 1):
         v = velocity(model, x, sigmas[j], embeds, pooled, neg_embeds, neg_pooled, guidance, autocast_dtype)
         noise = _randn(latent_shape, gens, device) if std[j] > 0 else None
         x_next, _, logp = sde_step(x, v, sigmas[j].item(), sigmas[j + 1].item(), std[j].item(), noise=noise)
-        if j < num_train_steps:
-            states.append(x)
-            nexts.append(x_next)
-            logps.append(logp)
+        if j in train_steps:
+            states[j], nexts[j], logps[j] = x, x_next, logp
         x = x_next
     if not states:
         return None, None, None, x
-    return torch.stack(states), torch.stack(nexts), torch.stack(logps), x
+    return (torch.stack([states[j] for j in train_steps]), torch.stack([nexts[j] for j in train_steps]),
+            torch.stack([logps[j] for j in train_steps]), x)

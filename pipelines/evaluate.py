@@ -38,6 +38,7 @@ from pipelines.preflight import check_logger, check_resolution, check_reward_spe
 
 log = logging.getLogger("evaluate")
 SPOT_CHECK = 4  # images re-sampled to confirm that reused results reproduce here
+ROLLOUT_ONLY = {"sde_window_size", "sde_window_range", "same_latent"}  # training-rollout keys, unused here
 
 
 def _hash_files(paths) -> str:
@@ -61,7 +62,7 @@ def model_fingerprint(spec: dict) -> str:
 def settings_fingerprint(cfg: EvalConfig, records) -> str:
     """Everything besides the model that decides a row: prompts, seeds, sampler, rewards, base weights."""
     doc = {"records": [(r.prompt, r.task, r.metadata, cfg.samples_for(r.task)) for r in records],
-           "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json"),
+           "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json", exclude=ROLLOUT_ONLY),
            "model": cfg.model.model_dump(mode="json", exclude={"base"}),
            "base": _hash_files(Path(cfg.model.base).rglob("*.safetensors")),
            "rewards": [r.model_dump(mode="json", include={"name", "label", "kwargs", "tasks"}) for r in cfg.rewards]}

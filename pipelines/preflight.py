@@ -7,6 +7,7 @@ from flowopd.config import ConfigError, GRPOConfig, JobConfig
 from flowopd.data import DataError, PromptRecord, read_source
 from flowopd.hub import resolve_config
 from flowopd.models import check_adapter_fits, transformer_config
+from flowopd.rollout import sde_schedule
 from flowopd.tracking import missing_backend
 
 
@@ -49,7 +50,7 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
         for r in records:
             _check_task(cfg, i, src.path, r)
     sc = cfg.sampling
-    states = cfg.data.prompts_per_step * cfg.data.group_size * max(1, int(sc.num_steps * sc.train_timestep_fraction))
+    states = cfg.data.prompts_per_step * cfg.data.group_size * len(sde_schedule(sc.num_steps, sc, cfg.seed, 1)[1])
     if states < cfg.learner.ranks:
         raise ConfigError(f"learner.ranks: {cfg.learner.ranks} ranks but only {states} states per step")
     if cfg.needs_transitions() and sc.noise_level == 0:
