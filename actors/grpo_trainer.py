@@ -1,10 +1,11 @@
 """The Flow-GRPO step loop (stage 1 and GRPO-Mix): rollout -> reward actors -> group advantages -> DDP
 learn over the trained steps -> weight sync; Flow-GRPO's EMA of the LoRA weights for export."""
-import time
 
 import numpy as np
 
+from flowopd.flow import shifted_sigmas
 from flowopd.grpo import ema_update, group_advantages, informative_groups
+from flowopd.objectives import FlowGRPO
 
 from .reward import RewardPools
 from .trainer import Trainer, concat_rollouts, select_states
@@ -13,6 +14,12 @@ from .trainer import Trainer, concat_rollouts, select_states
 class GRPOTrainer(Trainer):
     name = "grpo"
     work_name = "score"
+
+    @staticmethod
+    def make_objective(cfg) -> FlowGRPO:
+        sc, g = cfg.sampling, cfg.grpo
+        return FlowGRPO(shifted_sigmas(sc.num_steps, sc.shift), sc.noise_level, g.clip_range, g.beta, sc.guidance,
+                        g.detach_uncond)
 
     def start_services(self) -> list:
         self.rewards = RewardPools(self.cfg.rewards)
@@ -46,13 +53,13 @@ class GRPOTrainer(Trainer):
     def train_step(self) -> dict:
         cfg = self.cfg
         step = self.step_done + 1
-        t0 = time.perf_counter()
+        timer = self.start_step()
         version = self.step_done
         records = self.sampler.draw(cfg.data.prompts_per_step)
         if cfg.grpo.ema_decay and self.ema is None:  # the EMA starts from the initial weights
             self.ema = {k: v.copy() for k, v in self.lora.items()}
         queued = []
-        for ids, ro in self.rollouts(records, step, decode=True):  # score while other workers still sample
+        for ids, ro in self.rollouts(records, step, timer, decode=True):  # score while other workers still sample
             recs = [records[i] for i in ids[ro["sample_prompt"]]]
             jobs = self.rewards.submit(ro["images"], [r.prompt for r in recs], [r.metadata for r in recs],
                                        [r.task for r in recs])
@@ -65,7 +72,7 @@ class GRPOTrainer(Trainer):
             groups.append(ids[ro["sample_prompt"]])
             parts.append(dict(ro, n_prompts=len(ids), state_sample=ro["sample_idx"] + n_samples))
             n_samples += len(recs)
-        t_score = time.perf_counter()
+        timer.lap(self.work_name)
         tasks, groups = np.asarray(tasks), np.concatenate(groups)
         merged = RewardPools.merge(scores, [len(q[2]) for q in queued])
         reward = self.rewards.combine(merged, tasks)
@@ -79,7 +86,7 @@ class GRPOTrainer(Trainer):
         order = np.random.default_rng([cfg.seed, step]).permutation(np.unique(state_sample[kept]))
         for mb_samples in np.array_split(order, cfg.grpo.minibatches):
             sel = kept[np.isin(state_sample[kept], mb_samples)]
-            res = self.learn(select_states(batch, sel)) if len(sel) else None
+            res = self.learn(select_states(batch, sel), timer) if len(sel) else None
             if res is not None:
                 self._optimizer_step_done()
                 if first_ratio_dev is None:  # on-policy: exactly 1 up to float noise
@@ -87,7 +94,7 @@ class GRPOTrainer(Trainer):
                 results.extend(res)
         self.step_done = step
         m = self._metrics(step, version, results, merged, tasks, reward, adv, keep_sample, groups, len(kept),
-                          self.timings(t0, t_score))
+                          self.end_step(timer))
         if first_ratio_dev is not None:
             m["first_ratio_dev"] = first_ratio_dev
         return m

@@ -14,9 +14,9 @@ from flowopd.models import quiet_libraries
 
 
 class LearnerRank:
-    def __init__(self, cfg, rank: int, world: int):
+    def __init__(self, cfg, objective, rank: int, world: int):
         quiet_libraries()
-        self.cfg, self.rank, self.world = cfg, rank, world
+        self.cfg, self.objective, self.rank, self.world = cfg, objective, rank, world
         self.learner = None
 
     def master_address(self) -> tuple[str, int]:
@@ -34,7 +34,7 @@ class LearnerRank:
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world)
-        self.learner = Learner(self.cfg, self.world)
+        self.learner = Learner(self.cfg, self.objective, self.world)
 
     def train_step(self, batch: dict, total_states: int) -> dict:
         return self.learner.train_step(batch, total_states)
@@ -52,9 +52,10 @@ class LearnerRank:
 
 
 class LearnerGroup:
-    """Creates the ranks in one placement group (packed, so NCCL stays on fast links) and joins them."""
+    """Creates the ranks in one placement group (packed, so NCCL stays on fast links) and joins them; every
+    rank optimises the same `objective` (a flowopd.objectives.Objective)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, objective):
         lc = cfg.learner
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {}), **lc.resources}
         self.pg = placement_group([bundle] * lc.ranks, strategy="PACK")
@@ -62,7 +63,7 @@ class LearnerGroup:
         cls = ray.remote(LearnerRank)
         self.ranks = [cls.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=lc.resources or None,
                                   scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                      placement_group=self.pg, placement_group_bundle_index=i)).remote(cfg, i, lc.ranks)
+                                      placement_group=self.pg, placement_group_bundle_index=i)).remote(cfg, objective, i, lc.ranks)
                       for i in range(lc.ranks)]
         addr, port = ray.get(self.ranks[0].master_address.remote())
         ray.get([r.setup.remote(addr, port) for r in self.ranks])

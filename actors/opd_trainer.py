@@ -1,8 +1,10 @@
 """The OPD step loop: rollout -> label by routed teacher + MAR -> DDP learn -> weight sync."""
-import time
 
 import numpy as np
 import ray
+
+from flowopd.flow import shifted_sigmas
+from flowopd.objectives import AnalyticOPD, PolicyGradientOPD
 
 from .reward import RewardPools
 from .teacher import TeacherPools
@@ -12,6 +14,16 @@ from .trainer import Trainer, concat_rollouts, select_states
 class OPDTrainer(Trainer):
     name = "opd"
     work_name = "label"
+
+    @staticmethod
+    def make_objective(cfg) -> AnalyticOPD:
+        sc, loss = cfg.sampling, cfg.loss
+        kw = {"exact": loss.kl_weighting == "exact", "mar_weight": cfg.mar.weight if cfg.mar.teacher else 0.0,
+              "guidance": sc.guidance if loss.train_cfg else 1.0, "detach_uncond": loss.detach_uncond}
+        sigmas = shifted_sigmas(sc.num_steps, sc.shift)
+        if loss.form == "policy_gradient":
+            return PolicyGradientOPD(sigmas, sc.noise_level, clip_range=loss.clip_range, **kw)
+        return AnalyticOPD(sigmas, sc.noise_level, **kw)
 
     def start_services(self) -> list:
         self.pools = TeacherPools(self.cfg)
@@ -43,11 +55,11 @@ class OPDTrainer(Trainer):
     def train_step(self) -> dict:
         cfg = self.cfg
         step = self.step_done + 1
-        t0 = time.perf_counter()
+        timer = self.start_step()
         records = self.sampler.draw(cfg.data.prompts_per_step)
         version = self.step_done
         parts, scoring = [], []
-        for ids, ro in self.rollouts(records, step, decode=self.monitor is not None):  # label as they arrive
+        for ids, ro in self.rollouts(records, step, timer, decode=self.monitor is not None):  # label as they arrive
             tasks = [records[i].task for i in ids]
             if self.monitor is not None:
                 recs = [records[i] for i in ids[ro["sample_prompt"]]]
@@ -56,7 +68,7 @@ class OPDTrainer(Trainer):
             v_task, v_mar, teacher_idx, _ = self.label(ro, tasks)
             parts.append(dict(ro, v_task=v_task, v_mar=v_mar, teacher=teacher_idx, n_prompts=len(ids),
                               task=np.asarray([tasks[p] for p in ro["prompt_idx"]])))
-        t_label = time.perf_counter()
+        timer.lap(self.work_name)
         monitored = self.monitored_rewards(scoring)
         batch = concat_rollouts(parts, extra=("task", "teacher"))
         n_all = len(batch["x"])
@@ -65,11 +77,11 @@ class OPDTrainer(Trainer):
             finite &= np.isfinite(batch["v_mar"]).reshape(n_all, -1).all(1)
         tasks, teachers = batch.pop("task")[finite], batch.pop("teacher")[finite]
         batch = select_states(batch, np.nonzero(finite)[0])
-        results = self.learn(batch)
+        results = self.learn(batch, timer)
         self.step_done = step
         queries = n_all * (1 + (batch["v_mar"] is not None))
         m = self._metrics(step, version, results, batch, tasks, teachers, n_all - int(finite.sum()), queries,
-                          self.timings(t0, t_label))
+                          self.end_step(timer))
         return {**m, **monitored}
 
     def monitored_rewards(self, scoring: list) -> dict:

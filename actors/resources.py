@@ -6,18 +6,8 @@ from flowopd.config import ConfigError
 
 def requested_resources(cfg) -> dict[str, dict[str, float]]:
     """Per config key, the total CPUs, GPUs and custom resources its actors ask for."""
-    if hasattr(cfg, "rewards"):
-        groups = {f"rewards.{r.key}": (r, r.replicas) for r in cfg.rewards}
-    elif hasattr(cfg, "pools"):
-        groups = {f"pools.{n}": (p, p.replicas) for n, p in cfg.pools.items()
-                  if n in {cfg.teachers[t].pool for t in cfg.used_teachers()}}
-    else:
-        groups = {}
-    groups["rollout"] = (cfg.rollout, cfg.rollout.workers)
-    if hasattr(cfg, "learner"):
-        groups["learner"] = (cfg.learner, cfg.learner.ranks)
     return {key: {"CPU": g.num_cpus * n, "GPU": g.num_gpus * n, **{r: v * n for r, v in g.resources.items()}}
-            for key, (g, n) in groups.items()}
+            for key, (g, n) in cfg.actor_groups().items()}
 
 
 def check_cluster_resources(cfg) -> None:

@@ -2,13 +2,13 @@
 student then learns them by flow matching, x_s = (1 - s) x0 + s eps with target v = eps - x0, at the
 sampling schedule's sigmas. The generated set is cached in output_dir/sft_data, so a resume reuses it."""
 import json
-import time
 
 import numpy as np
 import ray
 from safetensors.numpy import load_file, save_file
 
 from flowopd.flow import shifted_sigmas
+from flowopd.objectives import FlowMatchingSFT
 
 from .sampler import Sampler
 from .trainer import Trainer
@@ -17,6 +17,10 @@ from .trainer import Trainer
 class SFTTrainer(Trainer):
     name = "sft"
     uses_rollouts = False
+
+    @staticmethod
+    def make_objective(cfg) -> FlowMatchingSFT:
+        return FlowMatchingSFT(cfg.sampling.num_steps)
 
     def start_services(self) -> list:
         self.data = self._load_or_generate()
@@ -65,8 +69,7 @@ class SFTTrainer(Trainer):
     def train_step(self) -> dict:
         cfg, d = self.cfg, self.data
         step = self.step_done + 1
-        t0 = time.perf_counter()
-        self.learn_times = {"learn": 0.0, "sync": 0.0}
+        timer = self.start_step()
         rng = np.random.default_rng([cfg.seed, step])  # the whole batch follows from (seed, step)
         idx = rng.choice(len(d["x0"]), size=cfg.sft.batch_size, replace=len(d["x0"]) < cfg.sft.batch_size)
         j = rng.integers(0, cfg.sampling.num_steps, size=len(idx))
@@ -76,12 +79,11 @@ class SFTTrainer(Trainer):
         batch = {"x": ((1 - s) * x0 + s * eps).astype(np.float32), "v_task": eps - x0, "step_idx": j,
                  "prompt_idx": d["prompt_idx"][idx], "x_next": None, "logp_old": None, "v_mar": None, "adv": None,
                  **{k: d[k] for k in ("embeds", "pooled", "neg_embeds", "neg_pooled")}}
-        self.t_rollout_done = t0
-        results = self.learn(batch)
+        results = self.learn(batch, timer)
         self.step_done = step
         loss = np.concatenate([r["task_loss"] for r in results])
         tasks = d["task"][batch["prompt_idx"]]
-        t = self.timings(t0, t0)
+        t = self.end_step(timer)
         return {"step": step, "loss": float(loss.mean()), "grad_norm": results[0]["grad_norm"], "time": t,
                 "loss_per_task": {k: float(loss[tasks == k].mean()) for k in sorted(set(tasks))},
                 "states": len(idx), "states_per_s": len(idx) / t["total"]}

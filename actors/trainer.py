@@ -13,6 +13,7 @@ from flowopd.checkpoint import CheckpointManager
 from flowopd.data import MixtureSampler
 from flowopd.learner import PER_STATE
 from flowopd.models import lora_config
+from flowopd.objectives import Objective
 from flowopd.tracking import make_tracker
 
 from .learner import LearnerGroup
@@ -42,11 +43,16 @@ class Trainer(ABC):
         self.workers = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, resources=rc.resources or None).remote(cfg)
             for _ in range(rc.workers if self.uses_rollouts else 0)]
-        self.learners = LearnerGroup(cfg)
+        self.learners = LearnerGroup(cfg, self.make_objective(cfg))
         ray.get([a.ping.remote() for a in self.services + self.workers])
         self.step_done = 0
         self.lora = self.learners.lora_state()
         self._step_end = None
+
+    @staticmethod
+    @abstractmethod
+    def make_objective(cfg) -> Objective:
+        """What this job's learners optimise, built from its config."""
 
     def start_services(self) -> list:
         """Create the job's extra actors (each with a `ping` method); returns them."""
@@ -130,11 +136,20 @@ class Trainer(ABC):
     def train_step(self) -> dict:
         """One on-policy step; returns its metrics line."""
 
-    def rollouts(self, records, step: int, decode: bool = False):
+    def start_step(self) -> "StepTimer":
+        """A timer for the step beginning now; time since the previous step ended counts as its `other`."""
+        return StepTimer(self.work_name, self._step_end)
+
+    def end_step(self, timer: "StepTimer") -> dict:
+        """The finished step's phase times (seconds); the next step's `other` starts here."""
+        t = timer.summary()
+        self._step_end = timer.end
+        return t
+
+    def rollouts(self, records, step: int, timer: "StepTimer", decode: bool = False):
         """Start every worker on its share of the prompts with the current weights; yield (prompt ids,
         rollout) as each finishes, so labelling or scoring overlaps the rollouts still running."""
         version = self.step_done
-        self.learn_times = {"learn": 0.0, "sync": 0.0}
         lora_ref = ray.put(self.lora)
         shards = np.array_split(np.arange(len(records)), len(self.workers))
         pending = {w.rollout.remote(step, version, lora_ref, [records[i].prompt for i in ids], ids.tolist(),
@@ -147,10 +162,10 @@ class Trainer(ABC):
             if ro["version"] != version:
                 raise RuntimeError(f"rollout used weights v{ro['version']}, expected v{version}")
             if not pending:
-                self.t_rollout_done = time.perf_counter()
+                timer.lap("rollout")
             yield ids, ro
 
-    def learn(self, batch: dict) -> list[dict] | None:
+    def learn(self, batch: dict, timer: "StepTimer") -> list[dict] | None:
         """One synchronised learner step, then the weight sync; None when too few states are left."""
         t = time.perf_counter()
         results = None
@@ -159,18 +174,35 @@ class Trainer(ABC):
         t_learn = time.perf_counter()
         if results is not None:
             self.lora = self.learners.lora_state()
-        self.learn_times["learn"] += t_learn - t
-        self.learn_times["sync"] += time.perf_counter() - t_learn
+        timer.add("learn", t_learn - t)
+        timer.add("sync", time.perf_counter() - t_learn)
         return results
 
-    def timings(self, t0: float, t_work: float) -> dict:
-        """rollout / <work> (labelling or scoring) / learn / sync / other for the step begun at t0; time
-        between steps (logging, checkpoints) counts as other."""
+
+class StepTimer:
+    """Wall-clock phases of one training step: rollout, the job's work on the rollouts (labelling or
+    scoring), learn and sync (summed over the step's optimizer steps), total since the previous step ended,
+    and other (the rest: drawing prompts, advantages, logging, checkpoints)."""
+
+    def __init__(self, work_name: str, since: float | None = None):
+        self.start = self.last = time.perf_counter()
+        self.since = since or self.start
+        self.end = None
+        self.phases = {"rollout": 0.0, work_name: 0.0, "learn": 0.0, "sync": 0.0}
+
+    def lap(self, phase: str) -> None:
+        """The time since the previous lap (or the step's start) goes to `phase`."""
         now = time.perf_counter()
-        start, self._step_end = self._step_end or t0, now
-        t = {"rollout": self.t_rollout_done - t0, self.work_name: t_work - self.t_rollout_done,
-             **self.learn_times, "total": now - start}
-        t["other"] = t["total"] - sum(v for k, v in t.items() if k != "total")
+        self.add(phase, now - self.last)
+        self.last = now
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] += seconds
+
+    def summary(self) -> dict:
+        self.end = time.perf_counter()
+        t = {**self.phases, "total": self.end - self.since}
+        t["other"] = t["total"] - sum(self.phases.values())
         return {k: round(v, 4) for k, v in t.items()}
 
 

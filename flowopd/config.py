@@ -163,7 +163,6 @@ class RunConfig(Strict):
     seed: int = 0
     output_dir: str
     ray_address: str | None = None
-    tiny_assets: str | None = None
     model: ModelConfig
     logger: LoggerConfig = LoggerConfig()
 
@@ -180,6 +179,26 @@ class JobConfig(RunConfig):
     def needs_transitions(self) -> bool:
         """Whether rollouts must return x' and log-probs (score-function losses)."""
         return True
+
+    def actor_groups(self) -> dict[str, tuple[Resources, int]]:
+        """{config key: (what each actor asks for, how many)} for every actor group the job starts."""
+        return {"rollout": (self.rollout, self.rollout.workers), "learner": (self.learner, self.learner.ranks)}
+
+    def used_teachers(self) -> list[str]:
+        """The teachers the job loads (checked before any actor starts)."""
+        return []
+
+    def reward_specs(self) -> list["RewardSpec"]:
+        """The reward actors the job starts (checked before any actor starts)."""
+        return []
+
+    def task_problem(self, task: str) -> str | None:
+        """Why the job cannot train on prompts of `task`, or None."""
+        return None
+
+    def plan(self) -> list[str]:
+        """What the job does with the rollouts, in a line or two (printed by --check and at start-up)."""
+        return []
 
     def student_base(self) -> str:
         return self.student.base or self.model.base
@@ -204,6 +223,14 @@ class RewardSpec(Resources):
         return self.tasks is None or task in self.tasks
 
 
+def unrouted(task: str, route: dict[str, str]) -> str | None:
+    return None if task in route else f"has no entry under `route` (routed tasks: {sorted(route)})"
+
+
+def route_line(route: dict[str, str]) -> str:
+    return "route: " + ", ".join(f"{k} -> {v}" for k, v in route.items())
+
+
 def check_unique_labels(field: str, specs: list[RewardSpec]) -> None:
     keys = [r.key for r in specs]
     if len(set(keys)) != len(keys):
@@ -220,6 +247,21 @@ class OPDConfig(JobConfig):
 
     def needs_transitions(self) -> bool:
         return self.loss.form == "policy_gradient"
+
+    def reward_specs(self) -> list["RewardSpec"]:
+        return self.monitor
+
+    def task_problem(self, task: str) -> str | None:
+        return unrouted(task, self.route)
+
+    def plan(self) -> list[str]:
+        return [route_line(self.route) + (f"; MAR {self.mar.teacher} (lambda {self.mar.weight})"
+                                           if self.mar.teacher else "")]
+
+    def actor_groups(self) -> dict[str, tuple[Resources, int]]:
+        pools = {self.teachers[t].pool for t in self.used_teachers()}
+        return {**{f"pools.{n}": (p, p.replicas) for n, p in self.pools.items() if n in pools},
+                **super().actor_groups()}
 
     @model_validator(mode="after")
     def _references(self):
@@ -275,6 +317,24 @@ class GRPOConfig(JobConfig):
     learner: GRPOLearner = GRPOLearner()
     export_dir: str | None = None
 
+    def actor_groups(self) -> dict[str, tuple[Resources, int]]:
+        return {**{f"rewards.{r.key}": (r, r.replicas) for r in self.rewards}, **super().actor_groups()}
+
+    def reward_specs(self) -> list[RewardSpec]:
+        return self.rewards
+
+    def task_problem(self, task: str) -> str | None:
+        if not any(spec.applies_to(task) for spec in self.rewards):
+            return "has no reward (set `tasks` of a reward under `rewards` to include it)"
+        return None
+
+    def plan(self) -> list[str]:
+        n = self.samples_per_update()
+        return ["rewards: " + ", ".join(f"{r.key} x{r.weight:g} on {r.tasks or 'all tasks'}" for r in self.rewards),
+                f"{n:g} samples per optimizer step (Flow-GRPO: 576)" + (
+                    f"; below {MIN_SAMPLES_PER_UPDATE} a GRPO update on a sparse reward is mostly noise: raise "
+                    f"data.prompts_per_step or lower grpo.minibatches" if n < MIN_SAMPLES_PER_UPDATE else "")]
+
     def samples_per_update(self) -> float:
         """Samples behind each optimizer step (Flow-GRPO: 576)."""
         return self.data.prompts_per_step * self.data.group_size / self.grpo.minibatches
@@ -326,6 +386,10 @@ class EvalConfig(RunConfig):
             if k <= 0:
                 raise ValueError(f"samples_per_prompt{'.' + task if task else ''}: must be positive, got {k}")
         return self
+
+    def actor_groups(self) -> dict[str, tuple[Resources, int]]:
+        return {**{f"rewards.{r.key}": (r, r.replicas) for r in self.rewards},
+                "rollout": (self.rollout, self.rollout.workers)}
 
     def samples_for(self, task: str) -> int:
         counts = self.samples_per_prompt
@@ -379,6 +443,12 @@ class ColdStartConfig(JobConfig):
     def used_teachers(self) -> list[str]:
         return sorted(set(self.route.values()))
 
+    def task_problem(self, task: str) -> str | None:
+        return unrouted(task, self.route)
+
+    def plan(self) -> list[str]:
+        return [route_line(self.route)]
+
     def needs_transitions(self) -> bool:
         return False
 
@@ -430,12 +500,17 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
 
 
-def load_config(path: str, overrides: list[str] = (), cls=OPDConfig):
+def load_raw(path: str, overrides: list[str] = ()) -> dict:
+    """The YAML mapping of a job file with `key=value` overrides applied, not yet validated."""
     p = Path(path)
     raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
-    return validate(cls, apply_overrides(raw, list(overrides)), str(p))
+    return apply_overrides(raw, list(overrides))
+
+
+def load_config(path: str, overrides: list[str] = (), cls=OPDConfig):
+    return validate(cls, load_raw(path, overrides), str(path))
 
 
 def validate(cls, raw: dict, where: str):

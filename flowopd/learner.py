@@ -1,16 +1,16 @@
-"""The learner (pure torch): student LoRA, AdamW, micro-batched OPD+MAR or Flow-GRPO loss, optional DDP.
+"""The learner (pure torch): student LoRA, AdamW, micro-batched optimisation of an Objective, optional DDP.
 
 Each rank scales its summed per-state loss by world/N_total, so DDP's gradient average equals the
 gradient of the mean loss over the whole (possibly unevenly split) batch.
 """
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .flow import kl_weights, opd_loss, opd_pg_loss, sde_std, shifted_sigmas
-from .grpo import grpo_loss
+from .flow import shifted_sigmas
 from .models import (
     add_student_adapter,
     as_tensor,
@@ -22,13 +22,16 @@ from .models import (
     resolve_dtype,
     velocity,
 )
+from .objectives import Objective
 
 # Batch entries with one row per state (the rest are per prompt or shared).
 PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar", "adv")
 
 
 class Learner:
-    def __init__(self, cfg, world_size: int = 1, device: str = "auto"):
+    """Runs micro-batches, DDP and the optimizer; what is optimised is the `objective`'s business."""
+
+    def __init__(self, cfg, objective: Objective, world_size: int = 1, device: str = "auto"):
         self.cfg, self.world = cfg, world_size
         self.device = resolve_device(device)
         dtype = resolve_dtype(cfg.model.dtype, self.device)
@@ -47,50 +50,15 @@ class Learner:
         self.ddp = DDP(self.model) if world_size > 1 else None
         lc = cfg.learner
         self.opt = torch.optim.AdamW(self.params, lr=lc.lr, weight_decay=lc.weight_decay, betas=lc.betas)
-        sc = cfg.sampling
-        self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
-        self.std = sde_std(self.sigmas, sc.noise_level)
-        self.grpo = getattr(cfg, "grpo", None)
-        self.sft = hasattr(cfg, "sft")  # plain flow matching: weight 1, conditional velocity, target eps - x0
-        self.form = cfg.loss.form if hasattr(cfg, "loss") else "analytic"
-        exact = self.grpo is not None or self.sft or cfg.loss.kl_weighting == "exact"
-        self.w = torch.ones(sc.num_steps) if self.sft else kl_weights(self.sigmas, sc.noise_level, exact=exact)
-        self.w_exact = kl_weights(self.sigmas, sc.noise_level, exact=True)
         # constant tables live on the model's device once: they are indexed by per-state step indices there
-        self.sigmas, self.std, self.w, self.w_exact = (t.to(self.device) for t in
-                                                       (self.sigmas, self.std, self.w, self.w_exact))
-        self.detach_uncond = (self.grpo.detach_uncond if self.grpo is not None
-                              else (not self.sft and cfg.loss.detach_uncond))
+        self.sigmas = shifted_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(self.device)
+        self.objective = objective.to(self.device)
 
-    def _opd_term(self, v, target, x, x_next, logp_old, j):
-        if self.form == "analytic":
-            return opd_loss(v, target, self.w[j])
-        scale = self.w[j] / self.w_exact[j]
-        return scale * opd_pg_loss(v, target, x, x_next, logp_old, self.sigmas[j], self.sigmas[j + 1],
-                                   self.std[j], self.cfg.loss.clip_range)
-
-    def _opd_chunk(self, v, b, sl, j) -> tuple[torch.Tensor, dict]:
-        pg = self.form == "policy_gradient"
-        args = (b["x"][sl], b["x_next"][sl] if pg else None, b["logp_old"][sl] if pg else None, j)
-        task = self._opd_term(v, b["v_task"][sl], *args)
-        out, loss = {"task_loss": task}, task
-        mar = getattr(self.cfg, "mar", None)
-        lam = mar.weight if mar is not None and mar.teacher else 0.0
-        if lam > 0:
-            out["mar_loss"] = self._opd_term(v, b["v_mar"][sl], *args)
-            loss = loss + lam * out["mar_loss"]
-        return loss, out
-
-    def _grpo_chunk(self, v, b, sl, j, pi, guidance) -> tuple[torch.Tensor, dict]:
-        g = self.grpo
-        v_ref = None
-        if g.beta > 0:  # the reference policy is the same model with its adapter disabled
-            with torch.no_grad(), self.model.disable_adapter():
-                v_ref = velocity(self.model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
-                                 b["neg_embeds"], b["neg_pooled"], guidance, self.autocast)
-        loss, ratio, kl = grpo_loss(v, v_ref, b["x"][sl], b["x_next"][sl], b["logp_old"][sl], b["adv"][sl],
-                                    self.sigmas[j], self.sigmas[j + 1], self.std[j], g.clip_range, g.beta)
-        return loss, {"loss": loss, "ratio": ratio, "kl": kl}
+    def _reference(self, b, sl, j, pi) -> torch.Tensor:
+        """The frozen reference velocity: the student with its adapter disabled, the objective's guidance."""
+        with torch.no_grad(), self.model.disable_adapter():
+            return velocity(self.model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
+                            b["neg_embeds"], b["neg_pooled"], self.objective.guidance, self.autocast)
 
     def train_step(self, batch: dict, total_states: int) -> dict:
         """One optimizer step on this rank's share of the states; returns per-state terms and grad norm."""
@@ -103,9 +71,7 @@ class Learner:
         n = b["x"].shape[0]
         mb = self.cfg.learner.micro_batch_size
         chunks = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
-        model = self.ddp or self.model
-        train_cfg = self.grpo is not None or (not self.sft and self.cfg.loss.train_cfg)
-        guidance = self.cfg.sampling.guidance if train_cfg else 1.0
+        model, obj = self.ddp or self.model, self.objective
         terms: dict[str, list] = {}
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
@@ -115,9 +81,8 @@ class Learner:
                 j = b["step_idx"][sl].long()
                 pi = b["prompt_idx"][sl].long()
                 v = velocity(model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
-                             b["neg_embeds"], b["neg_pooled"], guidance, self.autocast, self.detach_uncond)
-                loss, out = (self._grpo_chunk(v, b, sl, j, pi, guidance) if self.grpo is not None
-                             else self._opd_chunk(v, b, sl, j))
+                             b["neg_embeds"], b["neg_pooled"], obj.guidance, self.autocast, obj.detach_uncond)
+                loss, out = obj(v, b, sl, j, partial(self._reference, b, sl, j, pi))
                 for k, val in out.items():
                     terms.setdefault(k, []).append(val.detach().float())
                 (loss.sum() * self.world / total_states).backward()

@@ -66,7 +66,7 @@ PRESETS = {
              "clip_dims": (32, 32), "t5_dim": 32, "text_layers": 2,
              "vae": {"latent_channels": 4, "block_out_channels": (8, 16), "layers_per_block": 1,
                      "norm_num_groups": 4}},
-    # The one-machine world: 32 px images, 16x16x4 latents, 3 layers; trained by flowopd.world_model.
+    # The one-machine world: 32 px images, 16x16x4 latents, 3 layers; trained by world.base_model.
     "world": {"transformer": {"sample_size": 16, "patch_size": 2, "in_channels": 4, "out_channels": 4,
                               "num_layers": 3, "attention_head_dim": 32, "num_attention_heads": 3,
                               "joint_attention_dim": 32, "caption_projection_dim": 96,

@@ -15,11 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from actors.opd_trainer import OPDTrainer
-from actors.resources import check_cluster_resources
 from flowopd.config import OPDConfig, apply_overrides
-from flowopd.models import save_random_model
-from flowopd.tiny import ensure_tiny_assets, make_random_adapter, write_prompt_files
 from pipelines.launch import init_ray
 from pipelines.preflight import preflight
 
@@ -29,6 +25,8 @@ PARTS = ("rollout", "label", "learn", "sync", "other")
 
 def sd35m_config(root: Path) -> dict:
     """One GPU shared by a teacher server (3 LoRA teachers on one base), a rollout worker and one learner."""
+    from flowopd.models import save_random_model
+    from world.tiny import make_random_adapter, write_prompt_files
     if not (root / ".complete").exists():
         save_random_model(str(root / "base"), "sd35m")
         for i, name in enumerate(("geneval_teacher", "ocr_teacher", "anchor")):
@@ -60,11 +58,15 @@ def main(argv=None) -> int:
     ap.add_argument("--assets", default=None, help="where generated models and prompts live")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_intermixed_args(argv)
+    from actors.opd_trainer import OPDTrainer
+    from actors.resources import check_cluster_resources
+    from world.tiny import ensure_tiny_assets
     if args.preset == "tiny":
         assets = ensure_tiny_assets(args.assets or "runs/tiny_assets")
         raw = yaml.safe_load((ROOT / "configs" / "tiny_opd.yaml").read_text())
         raw = yaml.safe_load(yaml.safe_dump(raw).replace("runs/tiny_assets", str(assets)))
-        raw.update(tiny_assets=None, output_dir="runs/bench_tiny")
+        raw.pop("tiny_assets", None)  # built just above, at --assets
+        raw["output_dir"] = "runs/bench_tiny"
     else:
         raw = sd35m_config(Path(args.assets or "runs/bench_sd35m"))
     raw = apply_overrides(raw, [f"train.steps={args.steps}", *args.overrides])

@@ -14,15 +14,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from actors.sft_trainer import SFTTrainer
-from flowopd.config import ColdStartConfig, ConfigError, load_config
-from flowopd.merge import MergeError, merge, normalise_weights
-from flowopd.models import check_adapter_fits
+from flowopd.config import ColdStartConfig, ConfigError
 from pipelines.grpo import export_adapter
-from pipelines.launch import run_job
+from pipelines.launch import load_job, run_job
 
 
 def run_merge(cfg: ColdStartConfig) -> dict:
+    from flowopd.merge import MergeError, merge, normalise_weights
+    from flowopd.models import check_adapter_fits
     names = sorted(cfg.teachers)
     for name in names:
         try:
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, ColdStartConfig)
+        cfg = load_job(args.config, args.overrides, ColdStartConfig)
         out = Path(cfg.output_path())
         if out.exists():
             if not args.force:
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--force"]
-    return run_job(rest, __doc__, ColdStartConfig, SFTTrainer,
+    return run_job(rest, __doc__, ColdStartConfig, "actors.sft_trainer:SFTTrainer",
                    finish=lambda tr: export_adapter(tr, cfg.output_path()))
 
 

@@ -21,19 +21,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from PIL import Image
 
-from actors.resources import check_cluster_resources
-from actors.reward import RewardPools
-from actors.sampler import Sampler
-from flowopd.config import ConfigError, EvalConfig, load_config
+from flowopd.config import ConfigError, EvalConfig
 from flowopd.data import DataError
 from flowopd.hub import resolve_config
-from flowopd.models import adapter_weights_file, check_adapter_fits, transformer_config
-from flowopd.tiny import ensure_tiny_assets
 from flowopd.tracking import make_tracker
-from pipelines.launch import init_ray
+from pipelines.launch import init_ray, load_job
 from pipelines.preflight import check_logger, check_resolution, check_reward_specs, read_sources
 
 log = logging.getLogger("evaluate")
@@ -50,6 +44,7 @@ def _hash_files(paths) -> str:
 
 def model_fingerprint(spec: dict) -> str:
     """Identifies a model by its weights (not its path) and its guidance."""
+    from flowopd.models import adapter_weights_file
     if spec.get("adapter"):
         weights = _hash_files([adapter_weights_file(spec["adapter"])])
     elif spec.get("transformer"):
@@ -100,6 +95,7 @@ def load_prompts(cfg: EvalConfig):
 
 
 def preflight_eval(cfg: EvalConfig):
+    from flowopd.models import check_adapter_fits, transformer_config
     resolve_config(cfg)
     if not Path(cfg.model.base).exists():
         raise ConfigError(f"model.base: {cfg.model.base} does not exist")
@@ -177,6 +173,7 @@ def _append(table: dict, rows: dict) -> None:
 
 
 def _score_rows(rewards, name, images, prompts, recs, sample_ids) -> dict:
+    from actors.reward import RewardPools
     scores = RewardPools.collect(rewards.submit(images, prompts, [r.metadata for r in recs],
                                                 [r.task for r in recs]), len(images))
     rows = {"model": [name] * len(images), "prompt": list(prompts), "task": [r.task for r in recs],
@@ -195,6 +192,10 @@ def _reproduces(cached: dict, fresh: dict) -> bool:
 
 
 def evaluate(cfg: EvalConfig, records) -> dict:
+    import ray
+
+    from actors.reward import RewardPools
+    from actors.sampler import Sampler
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rc = cfg.rollout
@@ -264,10 +265,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("overrides", nargs="*", help="key=value overrides")
     args = ap.parse_intermixed_args(argv)
+    from actors.resources import check_cluster_resources
     try:
-        cfg = load_config(args.config, args.overrides, EvalConfig)
-        if cfg.tiny_assets:
-            ensure_tiny_assets(cfg.tiny_assets)
+        cfg = load_job(args.config, args.overrides, EvalConfig)
         records = preflight_eval(cfg)
         init_ray(cfg.ray_address)
         check_cluster_resources(cfg)

@@ -8,14 +8,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from actors.grpo_trainer import GRPOTrainer
-from flowopd.checkpoint import save_adapter
 from flowopd.config import GRPOConfig
 from pipelines.launch import run_job
 
 
 def export_adapter(trainer, dest: str | None = None) -> dict:
     """Write the final (EMA if enabled) adapter to export_dir, atomically replacing an older export."""
+    from flowopd.checkpoint import save_adapter
     dest = Path(dest or getattr(trainer.cfg, "export_dir", None) or Path(trainer.cfg.output_dir) / "adapter")
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -29,7 +28,7 @@ def export_adapter(trainer, dest: str | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    return run_job(argv, __doc__, GRPOConfig, GRPOTrainer, finish=export_adapter)
+    return run_job(argv, __doc__, GRPOConfig, "actors.grpo_trainer:GRPOTrainer", finish=export_adapter)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
-"""What the training jobs share: Ray start-up, the command line, pre-flight checks, resume and run."""
+"""What the training jobs share: Ray start-up, the command line, pre-flight checks, resume and run.
+
+Ray, torch and the actors are imported where they are first needed, so `--help` and a bad command line
+answer at once.
+"""
 import argparse
+import importlib
 import json
 import logging
 import os
 import sys
 
-import ray
-
-from actors.resources import check_cluster_resources, requested_resources
-from flowopd.checkpoint import CheckpointManager
-from flowopd.config import MIN_SAMPLES_PER_UPDATE, ConfigError, load_config
+from flowopd.config import ConfigError, OPDConfig, load_raw, validate
 from flowopd.data import DataError
-from flowopd.tiny import ensure_tiny_assets
 from pipelines.preflight import preflight
 
 
@@ -22,6 +22,7 @@ def setup_logging() -> None:
 
 def init_ray(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS, as under `ray job submit`), else start a private local instance."""
+    import ray
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -36,20 +37,25 @@ def init_ray(address: str | None) -> None:
                  logging_level=logging.WARNING)
 
 
+def load_job(path: str, overrides=(), cls=OPDConfig):
+    """The job file with key=value overrides, validated as `cls`. A top-level `tiny_assets:` names a
+    directory of random test models and prompts for CPU runs: it is built here (once) and is not part of
+    the job's configuration; `tiny_assets=null` among the overrides skips it."""
+    raw = load_raw(path, overrides)
+    tiny_assets = raw.pop("tiny_assets", None)
+    cfg = validate(cls, raw, str(path))
+    if tiny_assets:
+        from world.tiny import ensure_tiny_assets
+        ensure_tiny_assets(tiny_assets)
+    return cfg
+
+
 def describe(cfg, sources) -> str:
     """A short plan of the job: data, who labels or scores what, and what each actor group asks for."""
+    from actors.resources import requested_resources
     lines = [(f"data: {sum(len(s) for s in sources)} prompts from {len(sources)} sources ({cfg.data.mixing}); "
               f"{cfg.data.prompts_per_step} prompts x {cfg.data.group_size} samples per step")]
-    if hasattr(cfg, "route"):
-        mar = getattr(cfg, "mar", None)
-        lines.append("route: " + ", ".join(f"{k} -> {v}" for k, v in cfg.route.items())
-                     + (f"; MAR {mar.teacher} (lambda {mar.weight})" if mar and mar.teacher else ""))
-    else:
-        lines.append("rewards: " + ", ".join(f"{r.key} x{r.weight:g} on {r.tasks or 'all tasks'}" for r in cfg.rewards))
-        n = cfg.samples_per_update()
-        lines.append(f"{n:g} samples per optimizer step (Flow-GRPO: 576)" + (
-            f"; below {MIN_SAMPLES_PER_UPDATE} a GRPO update on a sparse reward is mostly noise: raise "
-            f"data.prompts_per_step or lower grpo.minibatches" if n < MIN_SAMPLES_PER_UPDATE else ""))
+    lines += cfg.plan()
     lines += [f"{k}: " + ", ".join(f"{v:g} {r}" for r, v in asked.items() if v)
               for k, asked in requested_resources(cfg).items()]
     return "\n".join(lines)
@@ -66,13 +72,14 @@ def parse_args(doc: str, argv=None):
     return ap.parse_intermixed_args(argv)
 
 
-def run_job(argv, doc: str, config_cls, trainer_cls, finish=None) -> int:
-    """Validate everything, then train (resuming on request); `finish(trainer)` runs after the last step."""
+def run_job(argv, doc: str, config_cls, trainer, finish=None) -> int:
+    """Validate everything, then train (resuming on request); `finish(trainer)` runs after the last step.
+    `trainer` is a Trainer class, or "module:Class" to import it only once the command line is parsed."""
     args = parse_args(doc, argv)
+    from actors.resources import check_cluster_resources
+    from flowopd.checkpoint import CheckpointManager
     try:
-        cfg = load_config(args.config, args.overrides, config_cls)
-        if cfg.tiny_assets:
-            ensure_tiny_assets(cfg.tiny_assets)
+        cfg = load_job(args.config, args.overrides, config_cls)
         sources = preflight(cfg)
         if args.check:
             print(describe(cfg, sources), file=sys.stderr)
@@ -87,7 +94,10 @@ def run_job(argv, doc: str, config_cls, trainer_cls, finish=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(cfg, sources), file=sys.stderr)
-    print(json.dumps(train(cfg, sources, trainer_cls, args.resume, not args.no_progress, finish)))
+    if isinstance(trainer, str):
+        module, name = trainer.split(":")
+        trainer = getattr(importlib.import_module(module), name)
+    print(json.dumps(train(cfg, sources, trainer, args.resume, not args.no_progress, finish)))
     return 0
 
 

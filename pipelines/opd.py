@@ -7,13 +7,12 @@ Starts a local Ray instance unless `ray_address` (or RAY_ADDRESS, as under `ray 
 """
 import sys
 
-from actors.opd_trainer import OPDTrainer
 from flowopd.config import OPDConfig
 from pipelines.launch import run_job
 
 
 def main(argv=None) -> int:
-    return run_job(argv, __doc__, OPDConfig, OPDTrainer)
+    return run_job(argv, __doc__, OPDConfig, "actors.opd_trainer:OPDTrainer")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Checks that run before any actor starts: files, adapters, routes, data. Each error names its key."""
+"""Checks that run before any actor starts: files, adapters, routes, data. Each error names its key.
+
+The model libraries are imported by the checks that read models, not with this module, which every
+pipeline imports."""
 import inspect
 import json
 from pathlib import Path
 
-from flowopd.config import ConfigError, GRPOConfig, JobConfig
+from flowopd.config import ConfigError, JobConfig
 from flowopd.data import DataError, PromptRecord, read_source
 from flowopd.hub import resolve_config
-from flowopd.models import check_adapter_fits, transformer_config
-from flowopd.rollout import sde_schedule
 from flowopd.tracking import missing_backend
 
 
@@ -20,6 +21,8 @@ def check_logger(cfg) -> None:
 def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
     """Validate everything that can be checked without a cluster; returns the prompt records per source.
     Hub ids in the config are replaced by their local snapshots first."""
+    from flowopd.models import transformer_config
+    from flowopd.rollout import sde_schedule
     check_logger(cfg)
     resolve_config(cfg)
     base = Path(cfg.model.base)
@@ -40,15 +43,14 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
             raise ConfigError(f"student.base: {sb} has another architecture than model.base {base}")
     if cfg.student.init_adapter:
         _adapter("student.init_adapter", cfg.student.init_adapter, Path(cfg.student_base()))
-    if isinstance(cfg, GRPOConfig):
-        check_reward_specs(cfg.rewards)
-    else:
-        _check_teachers(cfg, base, tcfg)
-        check_reward_specs(getattr(cfg, "monitor", []))
+    _check_teachers(cfg, base, tcfg)
+    check_reward_specs(cfg.reward_specs())
     sources = read_sources(cfg.data.sources)
     for i, (src, records) in enumerate(zip(cfg.data.sources, sources)):
         for r in records:
-            _check_task(cfg, i, src.path, r)
+            problem = cfg.task_problem(r.task)
+            if problem:
+                raise ConfigError(f"data.sources[{i}] ({src.path}): task {r.task!r} of prompt {r.prompt!r} {problem}")
     sc = cfg.sampling
     states = cfg.data.prompts_per_step * cfg.data.group_size * len(sde_schedule(sc.num_steps, sc, cfg.seed, 1)[1])
     if states < cfg.learner.ranks:
@@ -80,16 +82,6 @@ def read_sources(specs) -> list[list[PromptRecord]]:
     return out
 
 
-def _check_task(cfg, i: int, path: str, r: PromptRecord) -> None:
-    if isinstance(cfg, GRPOConfig):
-        if not any(spec.applies_to(r.task) for spec in cfg.rewards):
-            raise ConfigError(f"data.sources[{i}] ({path}): task {r.task!r} of prompt {r.prompt!r} has no reward "
-                              f"(set `tasks` of a reward under `rewards` to include it)")
-    elif r.task not in cfg.route:
-        raise ConfigError(f"data.sources[{i}] ({path}): task {r.task!r} of prompt {r.prompt!r} has "
-                          f"no entry under `route` (routed tasks: {sorted(cfg.route)})")
-
-
 def check_reward_specs(specs) -> None:
     """Every reward resolves to a class that accepts its kwargs (nothing is instantiated here)."""
     from rewards.registry import RewardError, load_reward_class
@@ -105,6 +97,7 @@ def check_reward_specs(specs) -> None:
 
 
 def _check_teachers(cfg, base: Path, tcfg: dict) -> None:
+    from flowopd.models import transformer_config
     for name in cfg.used_teachers():
         t = cfg.teachers[name]
         if t.adapter:
@@ -123,6 +116,7 @@ def _check_teachers(cfg, base: Path, tcfg: dict) -> None:
 
 
 def _adapter(key: str, path: str, base: Path) -> None:
+    from flowopd.models import check_adapter_fits
     try:
         check_adapter_fits(path, str(base))
     except (OSError, ValueError) as e:

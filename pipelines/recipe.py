@@ -18,10 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from actors.grpo_trainer import GRPOTrainer
-from actors.opd_trainer import OPDTrainer
-from actors.resources import check_cluster_resources
-from flowopd.checkpoint import write_json_atomic
 from flowopd.config import (
     ColdStartConfig,
     ConfigError,
@@ -33,7 +29,6 @@ from flowopd.config import (
     validate,
 )
 from flowopd.data import DataError
-from flowopd.tiny import ensure_tiny_assets
 from pipelines.cold_start import run_merge
 from pipelines.evaluate import evaluate, preflight_eval
 from pipelines.grpo import export_adapter
@@ -181,6 +176,7 @@ class Recipe:
         return (self.out / stage / "DONE.json").exists()
 
     def finish(self, stage: str, summary: dict) -> None:
+        from flowopd.checkpoint import write_json_atomic
         write_json_atomic(self.out / stage / "DONE.json", summary)
 
     def check_data(self) -> None:
@@ -213,6 +209,9 @@ class Recipe:
         return json.loads((self.out / "evaluate" / "summary.json").read_text())
 
     def run_stage(self, stage: str, cfg, progress: bool) -> dict:
+        from actors.grpo_trainer import GRPOTrainer
+        from actors.opd_trainer import OPDTrainer
+        from actors.resources import check_cluster_resources
         if isinstance(cfg, EvalConfig):
             check_cluster_resources(cfg)
             return {"summary": evaluate(cfg, preflight_eval(cfg))}
@@ -256,9 +255,10 @@ def load_recipe(config: str, overrides: list[str], edit=None) -> Recipe:
     tiny assets created when named, and every stage's prompt files read."""
     raw = read_yaml(Path(config))
     raw = apply_overrides(edit(raw) if edit else raw, overrides)
-    if raw.get("tiny_assets"):
-        ensure_tiny_assets(raw["tiny_assets"])
     recipe = Recipe(raw)
+    if raw.get("tiny_assets"):
+        from world.tiny import ensure_tiny_assets
+        ensure_tiny_assets(raw["tiny_assets"])
     recipe.check_data()
     return recipe
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from flowopd.config import ConfigError, GRPOConfig
 from flowopd.data import DataError
-from flowopd.models import adapter_weights_file
 from pipelines.launch import setup_logging
 from pipelines.preflight import read_sources
 from pipelines.recipe import Recipe, load_recipe, shorten
@@ -91,6 +90,7 @@ def route(recipe: Recipe) -> dict[str, str]:
 
 def publish(recipe: Recipe, dest: Path, force: bool) -> Path:
     """Copy adapters, the evaluation, curves and manifest into dest (written beside it, then renamed)."""
+    from flowopd.models import adapter_weights_file
     models = published_models(recipe)
     ev_dir = recipe.out / "evaluate"
     summary = json.loads((ev_dir / "summary.json").read_text())

@@ -15,12 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from flowopd.models import build_random_pipeline, quiet_libraries
-from flowopd.world_model import train_transformer, train_vae, training_images, world_records, write_prompt_files
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +32,11 @@ def main(argv=None) -> int:
     if (out / "base").exists() and not args.force:
         print(f"error: {out / 'base'} exists; pass --force to replace it", file=sys.stderr)
         return 2
+    import torch
+    from tqdm import tqdm
+
+    from flowopd.models import build_random_pipeline, quiet_libraries
+    from world.base_model import train_transformer, train_vae, training_images, world_records, write_prompt_files
     quiet_libraries()
     torch.manual_seed(args.seed)
     records = [r for train, _ in world_records(args.seed).values() for r in train]

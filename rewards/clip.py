@@ -8,6 +8,7 @@ from .base import Reward
 
 
 def _device(device: str) -> torch.device:
+    """flowopd.models.resolve_device's rule, repeated so that rewards/ needs nothing from flowopd/."""
     return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                         ("cpu" if device == "auto" else device))
 

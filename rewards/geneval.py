@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .base import Reward
+from .clip import _device
 
 THRESHOLD, COUNTING_THRESHOLD, POSITION_THRESHOLD, MAX_OBJECTS = 0.3, 0.9, 0.1, 16
 COLORS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"]
@@ -80,8 +81,7 @@ class GenEval(Reward):
 
     def __init__(self, detector_path: str, clip_path: str | None = None, device: str = "auto"):
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = _device(device)
         self.processor = AutoImageProcessor.from_pretrained(detector_path, local_files_only=True)
         self.detector = AutoModelForObjectDetection.from_pretrained(detector_path, local_files_only=True)
         self.detector.to(self.device).eval()

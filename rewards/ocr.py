@@ -28,7 +28,8 @@ def ocr_score(recognized: str, target: str) -> float:
 
 
 def prompt_target(prompt: str, metadata: dict) -> str:
-    """The text to render: metadata['text'] (set by the OCR prompt reader), else the first quoted span."""
+    """The text to render: metadata['text'] (set by the OCR prompt reader), else the first quoted span
+    (flowopd.data.ocr_target's rule, repeated so that rewards/ needs nothing from flowopd/)."""
     if metadata.get("text"):
         return metadata["text"]
     parts = prompt.split('"')

@@ -7,9 +7,9 @@ from pathlib import Path
 from .base import Reward, RewardError
 
 BUILTIN = {
-    "world_composition": "rewards.world:WorldComposition",
-    "world_text": "rewards.world:GlyphText",
-    "world_style": "rewards.world:Vividness",
+    "world_composition": "world.verifiers:WorldComposition",
+    "world_text": "world.verifiers:GlyphText",
+    "world_style": "world.verifiers:Vividness",
     "brightness": "rewards.simple:Brightness",
     "color": "rewards.simple:TargetColor",
     "contrast": "rewards.simple:Contrast",

@@ -8,7 +8,7 @@ from peft import PeftModel
 
 from flowopd.config import OPDConfig
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
-from flowopd.tiny import GENEVAL, OCR, ensure_tiny_assets
+from world.tiny import GENEVAL, OCR, ensure_tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def tiny_config_dict(assets: Path, output_dir: Path, **changes) -> dict:
     raw = yaml.safe_load((ROOT / "configs" / "tiny_opd.yaml").read_text())
     text = yaml.safe_dump(raw).replace("runs/tiny_assets", str(assets))
     raw = yaml.safe_load(text)
-    raw["tiny_assets"] = None
+    del raw["tiny_assets"]  # a launcher key, not part of the job's configuration
     raw["output_dir"] = str(output_dir)
     for key, value in changes.items():
         node = raw

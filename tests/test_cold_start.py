@@ -9,12 +9,13 @@ import yaml
 from safetensors.torch import load_file
 
 from actors.sampler import Sampler
-from flowopd.config import ColdStartConfig, load_config
+from flowopd.config import ColdStartConfig
 from flowopd.merge import delta, exact_delta, load_teachers, merge, normalise_weights, relative_error
 from flowopd.models import load_transformer
-from flowopd.tiny import GENEVAL, OCR, make_random_adapter
 from pipelines.cold_start import main as cold_start_main
+from pipelines.launch import load_job
 from tests.conftest import ROOT
+from world.tiny import GENEVAL, OCR, make_random_adapter
 
 
 @pytest.fixture
@@ -91,8 +92,8 @@ def test_cli_merge_never_overwrites_without_force(tiny_assets, tmp_path, capsys)
 
 def _sample_gaps(tiny_assets, student: str) -> dict:
     """Mean squared distance between the student's and each teacher's ODE samples (same prompts, seeds)."""
-    cfg = load_config(str(ROOT / "configs" / "tiny_cold_start.yaml"), [f"model.base={tiny_assets / 'base'}"],
-                      ColdStartConfig)
+    cfg = load_job(str(ROOT / "configs" / "tiny_cold_start.yaml"),
+                   ["tiny_assets=null", f"model.base={tiny_assets / 'base'}"], ColdStartConfig)
     models = {"student": {"adapter": student} if student else {},
               **{n: {"adapter": str(tiny_assets / "teachers" / n)} for n in ("geneval_teacher", "ocr_teacher")}}
     sampler = Sampler(cfg.model, models, cfg.sft.sampling, seed=123, batch_size=64)

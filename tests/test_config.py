@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from flowopd.config import ConfigError, EvalConfig, GRPOConfig, OPDConfig, load_config
+from pipelines.launch import load_job
 from pipelines.preflight import check_reward_specs, preflight
 from tests.conftest import tiny_config_dict
 
@@ -16,18 +17,34 @@ def _check(tiny_assets, tmp_path, match, **changes):
         preflight(load_config(str(path)))
 
 
+def _tiny(name: str, cls=OPDConfig):
+    """A shipped tiny job file as the launchers read it, without building its tiny assets."""
+    return load_job(f"configs/{name}", ["tiny_assets=null"], cls)
+
+
 def test_shipped_configs_validate():
-    for name in ("tiny_opd.yaml", "sd35m_opd.yaml"):
-        cfg = load_config(f"configs/{name}")
+    for cfg in (_tiny("tiny_opd.yaml"), load_config("configs/sd35m_opd.yaml")):
         assert cfg.route and cfg.mar.teacher
-    for name in ("tiny_grpo.yaml", "sd35m_grpo_ocr.yaml", "sd35m_grpo_geneval.yaml", "sd35m_grpo_pickscore.yaml",
-                 "sd35m_grpo_mix.yaml"):
+    check_reward_specs(_tiny("tiny_grpo.yaml", GRPOConfig).rewards)
+    for name in ("sd35m_grpo_ocr.yaml", "sd35m_grpo_geneval.yaml", "sd35m_grpo_pickscore.yaml", "sd35m_grpo_mix.yaml"):
         cfg = load_config(f"configs/{name}", cls=GRPOConfig)
         check_reward_specs(cfg.rewards)
-    assert load_config("configs/tiny_eval.yaml", cls=EvalConfig).sampling.num_steps == 40
+    assert _tiny("tiny_eval.yaml", EvalConfig).sampling.num_steps == 40
     quality = load_config("configs/sd35m_eval_quality.yaml", cls=EvalConfig)
     check_reward_specs(quality.rewards)
     assert {r.name for r in quality.rewards} >= {"imagereward", "hpsv2", "aesthetic"}
+
+
+def test_tiny_assets_are_built_by_the_launcher_not_configured(tiny_assets, tmp_path, monkeypatch):
+    raw = tiny_config_dict(tiny_assets, tmp_path / "out")
+    with pytest.raises(ValueError, match="tiny_assets"):
+        OPDConfig.model_validate({**raw, "tiny_assets": "runs/tiny_assets"})
+    built = []
+    monkeypatch.setattr("world.tiny.ensure_tiny_assets", built.append)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**raw, "tiny_assets": str(tmp_path / "assets")}))
+    assert load_job(str(path)).output_dir == str(tmp_path / "out") and built == [str(tmp_path / "assets")]
+    assert load_job(str(path), ["tiny_assets=null"]) and built == [str(tmp_path / "assets")]
 
 
 def test_overrides(tiny_assets, tmp_path):
@@ -131,10 +148,11 @@ def test_grpo_defaults_follow_flow_grpo(tiny_assets, tmp_path):
         raw.pop(key)
     raw["data"].pop("prompts_per_step")
     raw["data"]["group_size"] = 24
+    del raw["tiny_assets"]
     cfg = GRPOConfig.model_validate(raw)
     assert cfg.learner.lr == 3e-4 and cfg.grpo.detach_uncond and cfg.grpo.ema_decay == 0.9
     assert cfg.samples_per_update() == 576 and cfg.sampling.train_timestep_fraction == 0.99
-    assert not load_config("configs/tiny_opd.yaml").loss.detach_uncond  # the released OPD loss keeps it
+    assert not _tiny("tiny_opd.yaml").loss.detach_uncond  # the released OPD loss keeps it
 
 
 def test_overrides_index_lists():

@@ -4,6 +4,8 @@ fails here the same way."""
 import numpy as np
 import pytest
 
+from actors.grpo_trainer import GRPOTrainer
+from actors.opd_trainer import OPDTrainer
 from flowopd.config import GRPOConfig, OPDConfig
 from flowopd.learner import Learner
 from flowopd.models import encode_prompts, load_pipeline
@@ -31,9 +33,11 @@ def test_a_learner_step_stays_on_the_model_device(tiny_assets, tmp_path, kind):
         raw = {k: raw[k] for k in ("seed", "output_dir", "model", "student", "sampling", "data", "learner")}
         raw.update(rewards=[{"name": "brightness"}], grpo={"beta": 0.04})
         cfg = GRPOConfig.model_validate(raw)
+        objective = GRPOTrainer.make_objective(cfg)
     else:
         cfg = OPDConfig.model_validate(raw)
-    learner = Learner(cfg, device="meta")
+        objective = OPDTrainer.make_objective(cfg)
+    learner = Learner(cfg, objective, device="meta")
     terms, grad_norm = learner.step(_batch(tiny_assets, pg=kind == "policy_gradient", grpo=kind == "grpo"), 6)
     assert grad_norm.device.type == "meta" and terms and all(t.device.type == "meta" for t in terms.values())
 
@@ -43,7 +47,7 @@ def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_assets, tmp_pat
     states = []
     for ckpt in (False, True):
         cfg = OPDConfig.model_validate(tiny_config_dict(tiny_assets, tmp_path, **{"learner.gradient_checkpointing": ckpt}))
-        learner = Learner(cfg, device="cpu")
+        learner = Learner(cfg, OPDTrainer.make_objective(cfg), device="cpu")
         assert learner.model.base_model.model.gradient_checkpointing is ckpt
         learner.train_step(_batch(tiny_assets), 6)
         states.append(learner.lora_state())

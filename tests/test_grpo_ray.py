@@ -63,7 +63,8 @@ def reward_file(tmp_path):
 def _grpo_config(tiny_assets, out, **changes) -> GRPOConfig:
     raw = yaml.safe_load((ROOT / "configs" / "tiny_grpo.yaml").read_text())
     raw = yaml.safe_load(yaml.safe_dump(raw).replace("runs/tiny_assets", str(tiny_assets)))
-    raw.update(tiny_assets=None, output_dir=str(out))
+    del raw["tiny_assets"]  # a launcher key, not part of the job's configuration
+    raw["output_dir"] = str(out)
     for k, v in changes.items():
         node = raw
         *head, last = k.split(".")

@@ -13,7 +13,7 @@ from flowopd.models import (
     load_transformer,
     velocity,
 )
-from flowopd.tiny import make_random_adapter
+from world.tiny import make_random_adapter
 
 
 def _inputs(assets, n=3):

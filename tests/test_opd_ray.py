@@ -19,10 +19,10 @@ from flowopd.config import ConfigError, OPDConfig
 from flowopd.flow import sde_std, sde_step, shifted_sigmas
 from flowopd.learner import Learner
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
-from flowopd.tiny import GENEVAL, OCR
 from pipelines.launch import init_ray
 from pipelines.preflight import preflight
 from tests.conftest import tiny_config_dict, velocity_gaps
+from world.tiny import GENEVAL, OCR
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,7 +122,7 @@ def test_ddp_ranks_match_single_process(make_config, form):
                         "v_mar": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
                         "embeds": e.numpy(), "pooled": pooled.numpy(), "neg_embeds": ne.numpy(),
                         "neg_pooled": npool.numpy()})
-    group = LearnerGroup(cfg)
+    group = LearnerGroup(cfg, OPDTrainer.make_objective(cfg))
     try:
         for b in batches:
             group.train_step(b)
@@ -131,7 +131,7 @@ def test_ddp_ranks_match_single_process(make_config, form):
         for r in group.ranks:
             ray.kill(r)
         ray.util.remove_placement_group(group.pg)
-    single = Learner(cfg, world_size=1)
+    single = Learner(cfg, OPDTrainer.make_objective(cfg), world_size=1)
     for b in batches:
         single.train_step(b, n)
     ref = single.lora_state()

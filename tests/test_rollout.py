@@ -80,6 +80,7 @@ def test_windowed_same_latent_rollout_matches_the_written_out_sampler(tiny):
                                                           step_noise, 3.0)
     for k, j in enumerate(window):
         torch.testing.assert_close(states[k], ref_states[j])
+        torch.testing.assert_close(nexts[k], ref_states[j + 1])
         torch.testing.assert_close(logps[k], ref_logps[k])
     torch.testing.assert_close(final, ref_final)
     # before the window the group's states are one deterministic path; the window makes them differ

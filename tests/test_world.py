@@ -3,8 +3,8 @@ score what they should."""
 import numpy as np
 import pytest
 
-from flowopd.world import PALETTE, SIZE, composition_prompts, render, split, style_prompts, text_prompts
 from rewards import make_reward
+from world.grammar import PALETTE, SIZE, composition_prompts, render, split, style_prompts, text_prompts
 
 COMP, TEXT, STYLE = make_reward("world_composition"), make_reward("world_text"), make_reward("world_style")
 

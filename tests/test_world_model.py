@@ -5,11 +5,11 @@ import numpy as np
 import torch
 
 from flowopd.models import load_pipeline, quiet_libraries
-from flowopd.world import render, render_imperfect
-from flowopd.world_model import world_records
 from pipelines import train_world
 from rewards import make_reward
 from tests.conftest import ROOT
+from world.base_model import world_records
+from world.grammar import render, render_imperfect
 
 ASSETS = ROOT / "assets" / "world"
 REWARDS = {"composition": make_reward("world_composition"), "text": make_reward("world_text"),

@@ -8,6 +8,8 @@ and exact renderings of what each prompt asks for, so rewards can be exact progr
 Images are 32x32 RGB on a white background.
 """
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -81,6 +83,11 @@ def split(records: list[dict], held_out: float = 0.2, seed: int = 0) -> tuple[li
     idx = np.random.default_rng(seed).permutation(len(records))
     n_test = max(1, int(len(records) * held_out))
     return [records[i] for i in idx[n_test:]], [records[i] for i in idx[:n_test]]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line: the prompt files of the world and of the tiny assets alike."""
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def render(record: dict, rng: np.random.Generator | None = None) -> np.ndarray:

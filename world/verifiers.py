@@ -1,13 +1,13 @@
-"""Exact verifiers for the one-machine world of flowopd/world.py: a programmatic shape-and-colour detector
+"""Exact verifiers for the one-machine world of world/grammar.py: a programmatic shape-and-colour detector
 (scored with GenEval's rules), a glyph reader for the bitmap font (scored with the OCR rule), and the
-style score (mean saturation)."""
+style score (mean saturation). Registered in rewards/registry.py by name, so rewards/ never imports world/."""
 import numpy as np
 
-from flowopd.world import FONT, PALETTE, glyph
+from rewards.base import Reward
+from rewards.geneval import evaluate
+from rewards.ocr import ocr_score
 
-from .base import Reward
-from .geneval import evaluate
-from .ocr import ocr_score
+from .grammar import FONT, PALETTE, glyph
 
 INK_DISTANCE = 60  # a pixel within this RGB distance of a palette colour belongs to a shape
 

@@ -2,13 +2,14 @@
 
 The teachers are random but fixed (seeded), so they are clearly different velocity fields to distil.
 """
-import json
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
 
-from .models import load_transformer, lora_config, save_random_model
+from flowopd.models import load_transformer, lora_config, save_random_model
+
+from .grammar import write_jsonl
 
 TEACHERS = {"geneval_teacher": 1, "ocr_teacher": 2, "anchor": 3}
 GENEVAL = [("counting", "three red cubes"), ("colors", "a blue ball"), ("position", "a cat left of a dog"),
@@ -31,9 +32,8 @@ def make_random_adapter(base: str, out: Path, seed: int, rank: int = 4, scale: f
 
 def write_prompt_files(root: Path) -> None:
     """geneval_train.jsonl (Flow-GRPO GenEval metadata) and ocr_train.txt (quoted target text)."""
-    with open(root / "geneval_train.jsonl", "w") as f:
-        f.writelines(json.dumps({"tag": tag, "include": [{"class": prompt.split()[-1], "count": 1}],
-                                "prompt": prompt}) + "\n" for tag, prompt in GENEVAL)
+    write_jsonl(root / "geneval_train.jsonl", [{"tag": tag, "include": [{"class": prompt.split()[-1], "count": 1}],
+                                                "prompt": prompt} for tag, prompt in GENEVAL])
     (root / "ocr_train.txt").write_text("\n".join(OCR) + "\n")
 
 
@@ -48,9 +48,6 @@ def ensure_tiny_assets(root: str) -> Path:
     save_random_model(str(base))
     for name, seed in TEACHERS.items():
         make_random_adapter(str(base), root / "teachers" / name, seed, scale=0.3 if name == "anchor" else 0.6)
-    with open(root / "geneval_train.jsonl", "w") as f:
-        f.writelines(json.dumps({"tag": tag, "include": [{"class": prompt.split()[-1], "count": 1}],
-                                "prompt": prompt}) + "\n" for tag, prompt in GENEVAL)
-    (root / "ocr_train.txt").write_text("\n".join(OCR) + "\n")
+    write_prompt_files(root)
     done.touch()
     return root

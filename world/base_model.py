@@ -3,18 +3,18 @@
 Two phases, both plain PyTorch: the VAE learns to reconstruct 32 px renderings (its latent statistics
 then set the pipeline's shift and scaling factors), and the transformer learns them by rectified-flow
 matching with SD3's logit-normal timestep density and prompt dropout for classifier-free guidance.
-The training images mix exact renderings with controlled mistakes (`world.render_imperfect`), so the
+The training images mix exact renderings with controlled mistakes (`grammar.render_imperfect`), so the
 base model is decent but leaves headroom on every task.
 """
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import world
-from .models import encode_prompts
+from flowopd.models import encode_prompts
+
+from .grammar import composition_prompts, render, render_imperfect, split, style_prompts, text_prompts, write_jsonl
 
 MAX_SEQUENCE_LENGTH = 40
 TASKS = ("composition", "text", "style")
@@ -22,9 +22,8 @@ TASKS = ("composition", "text", "style")
 
 def world_records(seed: int = 0) -> dict[str, tuple[list[dict], list[dict]]]:
     """{task: (train, test)}: whole prompts held out, so test combinations are never seen in training."""
-    grammar = {"composition": world.composition_prompts(), "text": world.text_prompts(),
-               "style": world.style_prompts()}
-    return {task: world.split(records, seed=seed) for task, records in grammar.items()}
+    grammar = {"composition": composition_prompts(), "text": text_prompts(), "style": style_prompts()}
+    return {task: split(records, seed=seed) for task, records in grammar.items()}
 
 
 def write_prompt_files(root: Path, seed: int = 0) -> dict[str, Path]:
@@ -34,7 +33,7 @@ def write_prompt_files(root: Path, seed: int = 0) -> dict[str, Path]:
     for task, parts in world_records(seed).items():
         for name, records in zip(("train", "test"), parts):
             path = paths[f"{task}_{name}"] = root / f"world_{task}_{name}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            write_jsonl(path, records)
     return paths
 
 
@@ -50,7 +49,7 @@ def training_images(records: list[dict], per_task: int, imperfect: float, seed: 
         for i in range(per_task):
             record = recs[i % len(recs)]
             wrong = rng.random() < imperfect
-            images.append(world.render_imperfect(record, rng) if wrong else world.render(record, rng))
+            images.append(render_imperfect(record, rng) if wrong else render(record, rng))
             prompts.append(record["prompt"])
     return prompts, np.stack(images)
 

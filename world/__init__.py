@@ -1,0 +1,1 @@
+"""The one-machine text-to-image world of the demo and tests, kept apart from the method in flowopd/."""
