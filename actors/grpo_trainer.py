@@ -21,11 +21,11 @@ class GRPOTrainer(Trainer):
         return FlowGRPO(shifted_sigmas(sc.num_steps, sc.shift), sc.noise_level, g.clip_range, g.beta, sc.guidance,
                         g.detach_uncond)
 
-    def start_services(self) -> list:
+    def start_services(self) -> dict[str, list]:
         self.rewards = RewardPools(self.cfg.rewards)
         self.ema = None
         self.opt_steps = 0
-        return self.rewards.actors()
+        return {"reward actor": self.rewards.actors()}
 
     def extra_adapters(self) -> dict:
         return {"ema": self.ema} if self.ema is not None else {}

@@ -1,11 +1,13 @@
 """The learner group: N ranks of Learner joined by torch.distributed DDP (NCCL on GPU, gloo on CPU)."""
 import os
 import socket
+import time
 
 import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -18,6 +20,9 @@ class LearnerRank:
         quiet_libraries()
         self.cfg, self.objective, self.rank, self.world = cfg, objective, rank, world
         self.learner = None
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def master_address(self) -> tuple[str, int]:
         addr = ray.util.get_node_ip_address()
@@ -59,14 +64,19 @@ class LearnerGroup:
         lc = cfg.learner
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {}), **lc.resources}
         self.pg = placement_group([bundle] * lc.ranks, strategy="PACK")
-        ray.get(self.pg.ready())
         cls = ray.remote(LearnerRank)
-        self.ranks = [cls.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=lc.resources or None,
-                                  scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                      placement_group=self.pg, placement_group_bundle_index=i)).remote(cfg, objective, i, lc.ranks)
-                      for i in range(lc.ranks)]
-        addr, port = ray.get(self.ranks[0].master_address.remote())
-        ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        self.ranks = []
+        try:  # a group that fails to start leaves nothing behind (a restarting job builds a new one)
+            ray.get(self.pg.ready())
+            self.ranks = [cls.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=lc.resources or None,
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                          placement_group=self.pg, placement_group_bundle_index=i))
+                          .remote(cfg, objective, i, lc.ranks) for i in range(lc.ranks)]
+            addr, port = ray.get(self.ranks[0].master_address.remote())
+            ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        except BaseException:
+            self.shutdown()
+            raise
 
     def train_step(self, batch: dict) -> list[dict]:
         """Shard the states evenly over the ranks and take one synchronised optimizer step."""
@@ -76,7 +86,7 @@ class LearnerGroup:
         for r, lo, hi in zip(self.ranks, bounds[:-1], bounds[1:]):
             shard = {k: (v[lo:hi] if k in PER_STATE and v is not None else v) for k, v in batch.items()}
             refs.append(r.train_step.remote(shard, n))
-        return ray.get(refs)
+        return gather_ranks(refs)
 
     def lora_state(self) -> dict:
         return ray.get(self.ranks[0].lora_state.remote())
@@ -89,3 +99,30 @@ class LearnerGroup:
 
     def load_state(self, lora: dict, optimizer: dict | None) -> None:
         ray.get([r.load_state.remote(lora, optimizer) for r in self.ranks])
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+        ray.util.remove_placement_group(self.pg)
+
+
+def gather_ranks(refs: list, wait_s: float = 60.0) -> list:
+    """The ranks' results of one collective step. A rank that dies mid-step breaks DDP's connections, and its
+    peers may fail first, with a RuntimeError from gloo or NCCL ("Connection closed by peer"): the death that
+    Ray reports shortly after (within `wait_s`) is raised instead, so the driver sees the crash, not a symptom."""
+    try:
+        return ray.get(refs)
+    except RayTaskError as err:
+        if not isinstance(err.cause, RuntimeError):
+            raise
+        pending, deadline = list(refs), time.monotonic() + wait_s
+        while pending and (left := deadline - time.monotonic()) > 0:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError as died:
+                    raise died from err
+                except RayTaskError:
+                    pass
+        raise

@@ -25,10 +25,11 @@ class OPDTrainer(Trainer):
             return PolicyGradientOPD(sigmas, sc.noise_level, clip_range=loss.clip_range, **kw)
         return AnalyticOPD(sigmas, sc.noise_level, **kw)
 
-    def start_services(self) -> list:
+    def start_services(self) -> dict[str, list]:
         self.pools = TeacherPools(self.cfg)
         self.monitor = RewardPools(self.cfg.monitor) if self.cfg.monitor else None
-        return [r for rs in self.pools.replicas.values() for r in rs] + (self.monitor.actors() if self.monitor else [])
+        return {"teacher replica": [r for rs in self.pools.replicas.values() for r in rs],
+                "reward actor": self.monitor.actors() if self.monitor else []}
 
     def label(self, ro: dict, tasks: list[str]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, int]:
         """Targets from the routed teacher for every state, and from the MAR teacher for all of them.

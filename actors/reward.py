@@ -11,6 +11,11 @@ from rewards.base import RewardError, check_outputs
 from rewards.registry import make_reward
 
 
+class RewardActorDied(RewardError):
+    """A reward replica died beyond its restarts: a crash, not a scoring error (the RayActorError is the
+    `__cause__`), so a training job may restart its actors and carry on."""
+
+
 class RewardActor:
     def __init__(self, label: str, name: str, kwargs: dict):
         self.label = label
@@ -94,7 +99,7 @@ class RewardPools:
                     raise cause from None
                 raise RewardError(f"reward {key!r} failed: {type(cause).__name__}: {cause}") from None
             except RayActorError as e:
-                raise RewardError(f"reward {key!r}: its actor died and could not be restarted ({e})") from None
+                raise RewardActorDied(f"reward {key!r}: its actor died and could not be restarted: {e}") from e
             for name, values in result.items():
                 out.setdefault(key, {}).setdefault(name, np.full(n, np.nan))[sel] = values
         return out

@@ -1,4 +1,6 @@
 """Rollout workers: the student samples SDE trajectories with the current (versioned) LoRA weights."""
+import os
+
 import numpy as np
 import torch
 
@@ -82,3 +84,6 @@ class RolloutWorker:
 
     def ping(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        return os.getpid()

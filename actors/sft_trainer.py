@@ -22,10 +22,10 @@ class SFTTrainer(Trainer):
     def make_objective(cfg) -> FlowMatchingSFT:
         return FlowMatchingSFT(cfg.sampling.num_steps)
 
-    def start_services(self) -> list:
+    def start_services(self) -> dict[str, list]:
         self.data = self._load_or_generate()
         self.sigmas = shifted_sigmas(self.cfg.sampling.num_steps, self.cfg.sampling.shift).numpy()
-        return []
+        return {}
 
     def _load_or_generate(self) -> dict:
         path = self.out / "sft_data"

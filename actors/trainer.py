@@ -1,5 +1,7 @@
-"""What every training job's driver shares: actors, the on-policy rollout stream, checkpoints, metrics."""
+"""What every training job's driver shares: actors, the on-policy rollout stream, checkpoints, metrics, and
+recovery from actor deaths."""
 import json
+import logging
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -7,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import ray
 from peft import LoraConfig
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from flowopd.checkpoint import CheckpointManager
@@ -17,11 +20,25 @@ from flowopd.objectives import Objective
 from flowopd.tracking import make_tracker
 
 from .learner import LearnerGroup
+from .reward import RewardActorDied
 from .rollout import RolloutWorker
+
+log = logging.getLogger("train")
+
+
+def actor_death(err: Exception) -> RayActorError | None:
+    """The actor crash behind `err`, or None. An actor whose constructor raised is a bug or a bad config, which
+    a restart would repeat, so it is not a crash."""
+    died = err.__cause__ if isinstance(err, RewardActorDied) else err
+    return died if isinstance(died, RayActorError) and not died.actor_init_failed else None
 
 
 class Trainer(ABC):
-    """Subclasses start their own services (teachers, rewards) and implement `train_step`."""
+    """Subclasses start their own services (teachers, rewards) and implement `train_step`.
+
+    When an actor dies during `run` (beyond Ray's own restarts), every actor is restarted and the job
+    continues from its newest checkpoint, up to `train.max_failures` times; see `_recover`.
+    """
 
     name = "train"
     work_name = "label"
@@ -32,18 +49,28 @@ class Trainer(ABC):
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.sources = sources
-        self.sampler = MixtureSampler(sources, [s.weight for s in cfg.data.sources], cfg.seed, cfg.data.mixing)
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.train.keep_checkpoints)
         self.metrics_path = self.out / "metrics.jsonl"
+        self.events_path = self.out / "events.jsonl"
         s = cfg.student
         self.lora_cfg = (LoraConfig.from_pretrained(s.init_adapter) if s.init_adapter
                          else lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init))
-        rc = cfg.rollout
-        self.services = self.start_services()
+        self._start()
+
+    def _start(self) -> None:
+        """Start every actor and set the state of step 0: at start-up, and again after an actor died (the
+        newest checkpoint, if any, is loaded on top). Fresh learners from the same seed hold the same
+        initial weights, so a job restarted before its first checkpoint repeats step 1 exactly."""
+        cfg, rc = self.cfg, self.cfg.rollout
+        self.sampler = MixtureSampler(self.sources, [s.weight for s in cfg.data.sources], cfg.seed, cfg.data.mixing)
+        services = self.start_services()
+        self.services = [a for actors in services.values() for a in actors]
         self.workers = [ray.remote(RolloutWorker).options(
             num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, resources=rc.resources or None).remote(cfg)
             for _ in range(rc.workers if self.uses_rollouts else 0)]
         self.learners = LearnerGroup(cfg, self.make_objective(cfg))
+        groups = {**services, "rollout worker": self.workers, "learner rank": self.learners.ranks}
+        self.roles = {a._actor_id.hex(): role for role, actors in groups.items() for a in actors}
         ray.get([a.ping.remote() for a in self.services + self.workers])
         self.step_done = 0
         self.lora = self.learners.lora_state()
@@ -54,9 +81,10 @@ class Trainer(ABC):
     def make_objective(cfg) -> Objective:
         """What this job's learners optimise, built from its config."""
 
-    def start_services(self) -> list:
-        """Create the job's extra actors (each with a `ping` method); returns them."""
-        return []
+    def start_services(self) -> dict[str, list]:
+        """Create the job's extra actors (each with a `ping` method) and reset the state that goes with them;
+        returns them by role (e.g. "teacher replica"), the names recovery events give."""
+        return {}
 
     def final_adapter(self) -> dict:
         """The LoRA weights a finished job exports."""
@@ -104,9 +132,9 @@ class Trainer(ABC):
 
     def shutdown(self) -> None:
         """Release every actor and the learners' placement group (the cluster keeps running)."""
-        for actor in self.workers + self.learners.ranks + self.services:
+        for actor in self.workers + self.services:
             ray.kill(actor)
-        ray.util.remove_placement_group(self.learners.pg)
+        self.learners.shutdown()
 
     def run(self, progress: bool = True) -> list[dict]:
         cfg = self.cfg
@@ -114,16 +142,27 @@ class Trainer(ABC):
         self._truncate_metrics(self.step_done)  # lines past the last checkpoint belong to a lost run
         bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=self.name, disable=not progress)
         tracker = make_tracker(cfg.logger, cfg.output_dir, self.step_done, cfg.model_dump(mode="json"))
+        failures = 0
         try:
             while self.step_done < cfg.train.steps:
-                m = self.train_step()
-                history.append(m)
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if tracker is not None:
-                    tracker.log(m, m["step"])
-                if self.step_done % cfg.train.checkpoint_every == 0 or self.step_done == cfg.train.steps:
-                    self.save()
+                try:
+                    m = self.train_step()
+                    history.append(m)
+                    with open(self.metrics_path, "a") as f:
+                        f.write(json.dumps(m) + "\n")
+                    if tracker is not None:
+                        tracker.log(m, m["step"])
+                    if self.step_done % cfg.train.checkpoint_every == 0 or self.step_done == cfg.train.steps:
+                        self.save()
+                except (RayActorError, RewardActorDied) as err:
+                    failures = self._recover(err, failures)
+                    history = [h for h in history if h["step"] <= self.step_done]
+                    if tracker is not None:  # purges (TensorBoard) or continues (wandb, MLflow) past the checkpoint
+                        tracker.close()
+                        tracker = make_tracker(cfg.logger, cfg.output_dir, self.step_done, cfg.model_dump(mode="json"))
+                    bar.n = self.step_done
+                    bar.refresh()
+                    continue
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4g}", states_s=f"{m['states_per_s']:.1f}")
         finally:
@@ -131,6 +170,46 @@ class Trainer(ABC):
             if tracker is not None:
                 tracker.close()
         return history
+
+    def _recover(self, err: Exception, failures: int) -> int:
+        """After an actor died: restart every actor, as a new job does, and load the newest checkpoint (or the
+        initial state when there is none yet), so the job goes on as an uninterrupted one would. Each death,
+        including one while restarting, counts towards `train.max_failures`; past it, or for an error that is
+        no crash (see `actor_death`), `err` is raised. Returns the failures so far."""
+        steps_done = self.step_done
+        while True:
+            died = actor_death(err)
+            if died is None:
+                raise err
+            failures += 1
+            first_line = next(iter(str(err).strip().splitlines()), "")
+            event = {"steps_done": steps_done, "failures": failures,
+                     "role": self.roles.get(died.actor_id, "unknown actor"),
+                     "error": f"{type(err).__name__}: {first_line}"}
+            if failures > self.cfg.train.max_failures:
+                self._log_event({"event": "failed", **event})
+                log.error("%s died after step %d (%s); failure %d is more than train.max_failures=%d, stopping",
+                          event["role"], event["steps_done"], event["error"], failures, self.cfg.train.max_failures)
+                raise err
+            try:
+                self.shutdown()
+                self._start()
+                self.resume()
+            except (RayActorError, RewardActorDied) as again:
+                err = again
+                continue
+            self._truncate_metrics(self.step_done)
+            self._log_event({"event": "recovered", "step": self.step_done, **event})
+            log.warning("%s died after step %d (%s); restarted every actor and resumed from step %d "
+                        "(failure %d of at most %d)", event["role"], event["steps_done"], event["error"],
+                        self.step_done, failures, self.cfg.train.max_failures)
+            return failures
+
+    def _log_event(self, event: dict) -> None:
+        """events.jsonl: the job's failures and recoveries, kept apart from metrics.jsonl (one line per step,
+        truncated on resume), so that every metrics reader stays as it is and no event is lost to a resume."""
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
     @abstractmethod
     def train_step(self) -> dict:

@@ -147,6 +147,9 @@ class TrainConfig(Strict):
     steps: int = Field(100, gt=0)
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
+    # actor deaths (a rollout worker, a learner rank, a reward or teacher replica beyond its restarts) the job
+    # recovers from by restarting every actor from the newest checkpoint; one more ends the job
+    max_failures: int = Field(3, ge=0)
 
 
 class LoggerConfig(Strict):

@@ -45,7 +45,7 @@ from pipelines.report import (
 log = logging.getLogger("demo")
 SHIPPED_STAGE1 = "assets/world/stage1"
 STAGE1_CONFIG = "configs/world_stage1.yaml"
-ROWS = ("base", "grpo_mix", "cascade", "cold_start", "opd_without_mar", "opd")  # teachers go after base
+ROWS = ("base", "grpo_mix", "cascade", "cold_start", "opd_without_mar", "diffusionopd", "opd")  # teachers after base
 REACHES = 0.95  # "reaches the teacher": at least this fraction of the teacher's score on its own task
 
 
@@ -62,6 +62,13 @@ def findings(recipe: Recipe, res: Results) -> list[str]:
              "OPD against each teacher on that teacher's task:", *reach_claims(res, "opd", route, REACHES), "",
              "OPD against the baselines, and the MAR ablation (average over tasks):",
              *comparison_claims(res, [("opd", "grpo_mix"), ("opd", "cascade"), ("opd", "opd_without_mar")])]
+    if "diffusionopd" in res.models:
+        lines += ["", "DiffusionOPD (ODE rollouts, mean matching, no MAR) against each teacher on its task:",
+                  *reach_claims(res, "diffusionopd", route, REACHES), "",
+                  "DiffusionOPD against the baselines, and Flow-OPD without MAR (SDE, exact KL) against it "
+                  + "(average over tasks):",
+                  *comparison_claims(res, [("diffusionopd", "grpo_mix"), ("diffusionopd", "cascade"),
+                                           ("opd_without_mar", "diffusionopd")])]
     forgetting = [(t, teacher) for t, teacher in route.items() if {"cascade", teacher} <= set(res.models)]
     if forgetting:
         lines += ["", "Cascade RL against each teacher on its task (forgetting shows as a drop):",

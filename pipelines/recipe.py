@@ -36,7 +36,9 @@ from pipelines.launch import init_ray, setup_logging, train
 from pipelines.preflight import preflight, read_sources
 
 log = logging.getLogger("recipe")
-STAGE_KEYS = ("defaults", "teachers", "grpo_mix", "cascade", "cold_start", "opd", "opd_without_mar", "evaluate")
+STAGE_KEYS = ("defaults", "teachers", "grpo_mix", "cascade", "cold_start", "opd", "opd_without_mar", "diffusionopd",
+              "evaluate")
+OPD_STAGES = ("opd_without_mar", "diffusionopd", "opd")  # the students, in the order reports list them
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -135,8 +137,13 @@ class Recipe:
             if self.raw.get("opd_without_mar"):
                 stages["opd_without_mar"] = self._job("opd_without_mar", OPDConfig,
                                                       deep_merge(opd, {"mar": {"teacher": None}}))
-        elif self.raw.get("cold_start") or self.raw.get("opd_without_mar"):
-            raise ConfigError("cold_start / opd_without_mar: these need an `opd:` section")
+            if self.raw.get("diffusionopd"):  # true, or a mapping of changes to the OPD stage
+                dopd = deep_merge(opd, {"mar": {"teacher": None}, "sampling": {"noise_level": 0.0}})
+                extra = self.raw["diffusionopd"]
+                stages["diffusionopd"] = self._job("diffusionopd", OPDConfig,
+                                                   deep_merge(dopd, extra) if isinstance(extra, dict) else dopd)
+        elif any(self.raw.get(k) for k in ("cold_start", "opd_without_mar", "diffusionopd")):
+            raise ConfigError("cold_start / opd_without_mar / diffusionopd: these need an `opd:` section")
         stages["evaluate"] = self._job("evaluate", EvalConfig,
                                        deep_merge(self.raw.get("evaluate") or {}, {"models": self._eval_models(stages)}),
                                        keep=("seed", "model", "rollout", "logger"))
@@ -160,7 +167,7 @@ class Recipe:
             cs = stages["cold_start"]
             kind = "transformer" if "base" in self._student_start(cs) else "adapter"
             models["cold_start"] = {kind: cs.output_path()}
-        for name in ("opd_without_mar", "opd"):
+        for name in OPD_STAGES:
             if name in stages:
                 models[name] = {"adapter": str(self.out / name / "adapter")}
         return models

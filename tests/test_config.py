@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from flowopd.config import ConfigError, EvalConfig, GRPOConfig, OPDConfig, load_config
@@ -186,3 +187,15 @@ def test_a_model_has_one_source(cls):
     import flowopd.config as c
     with pytest.raises(ValueError, match="either `adapter` or `transformer`"):
         getattr(c, cls).model_validate({"adapter": "a", "transformer": "t"})
+
+
+def test_diffusionopd_configs_are_ode_mean_matching_without_mar():
+    from actors.opd_trainer import OPDTrainer
+    from flowopd.flow import shifted_sigmas
+    for cfg in (load_config("configs/sd35m_diffusionopd.yaml"), load_config("configs/world_diffusionopd.yaml")):
+        assert cfg.sampling.noise_level == 0 and cfg.mar.teacher is None and not cfg.needs_transitions()
+        objective = OPDTrainer.make_objective(cfg)
+        dt = shifted_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).diff()
+        torch.testing.assert_close(objective.w, dt ** 2 / 2)  # 1/2 ||mu_theta - mu_T||^2 = dt^2/2 ||dv||^2
+    world = load_config("configs/world_diffusionopd.yaml")
+    assert len(preflight(world)) == 3  # the shipped base, teachers and prompt files

@@ -1,23 +1,26 @@
 """The demo (README's main command), shortened: the shipped stage-1 models, then cold start, OPD with and
-without MAR and the evaluation on a local Ray cluster; the report holds a row per model with CIs, every
-claim with its interval, the training curves and the labelled sample grids."""
+without MAR, DiffusionOPD (asked for) and the evaluation on a local Ray cluster; the report holds a row per
+model with CIs, every claim with its interval, the training curves and the labelled sample grids."""
 import json
+from pathlib import Path
 
 import numpy as np
 import yaml
 
+from flowopd.checkpoint import CheckpointManager
 from pipelines import demo
 from pipelines.recipe import Recipe
 from tests.conftest import ROOT
 
 ROWS = ["base", "composition_teacher", "text_teacher", "style_teacher", "grpo_mix", "cascade", "cold_start",
-        "opd_without_mar", "opd"]
+        "opd_without_mar", "diffusionopd", "opd"]
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo.main(["--quick", "--no-progress", f"output_dir={out}"]) == 0
-    assert all((out / s / "DONE.json").exists() for s in ["cold_start", "opd_without_mar", "opd", "evaluate"])
+    assert demo.main(["--quick", "--no-progress", f"output_dir={out}", "diffusionopd=true"]) == 0
+    assert all((out / s / "DONE.json").exists()
+               for s in ["cold_start", "opd_without_mar", "diffusionopd", "opd", "evaluate"])
     assert not (out / "teachers").exists()  # stage 1 is shipped, not retrained
     rows = json.loads((out / "report" / "table.json").read_text())
     assert list(rows) == ROWS
@@ -27,13 +30,19 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, capsys):
         assert np.isclose(r["average"]["mean"], np.mean([r[t]["mean"] for t in ("composition", "text", "style")]))
     report = (out / "report" / "report.md").read_text()
     for claim in ("composition: composition_teacher − base", "text: opd − text_teacher", "average: opd − grpo_mix",
-                  "average: opd − cascade", "average: opd − opd_without_mar"):
+                  "average: opd − cascade", "average: opd − opd_without_mar", "text: diffusionopd − text_teacher",
+                  "average: diffusionopd − grpo_mix", "average: opd_without_mar − diffusionopd"):
         assert claim in report, claim
     assert "95% CI" in report
     for f in ("curves.png", "grid_composition.png", "grid_text.png", "grid_style.png"):
         assert (out / "report" / f).stat().st_size > 1000, f
     opd = [json.loads(line) for line in (out / "opd" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["reward_per_task"] and set(m["reward_per_task"]) <= {"composition", "text", "style"} for m in opd)
+    done = json.loads((out / "diffusionopd" / "DONE.json").read_text())
+    ode = CheckpointManager.load(Path(done["final_checkpoint"]))["trainer_state"]["config"]
+    assert done["steps"] == 2 and ode["sampling"]["noise_level"] == 0 and ode["mar"]["teacher"] is None
+    dopd = [json.loads(line) for line in (out / "diffusionopd" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["mar_loss"] is None and np.isfinite(m["loss"]) for m in dopd)
     assert "report:" in capsys.readouterr().err
 
 

@@ -1,6 +1,8 @@
 """Stage 1 on a real local Ray cluster: reward actors and their faults, a tiny Flow-GRPO run that raises
-its reward, export as an OPD teacher, GRPO-Mix, and evaluation outputs."""
+its reward, export as an OPD teacher, GRPO-Mix (recovering from a killed reward actor), and evaluation outputs."""
 import json
+import os
+import signal
 import textwrap
 
 import numpy as np
@@ -134,20 +136,39 @@ def test_grpo_raises_reward_exports_a_teacher_and_evaluates(tiny_assets, tmp_pat
     assert opd_main(["--config", str(tmp_path / "opd.yaml"), "--no-progress"]) == 0
 
 
+class KillingGRPOTrainer(GRPOTrainer):
+    """SIGKILLs the process of reward `kill[1]`'s actor once, before step `kill[0]`."""
+    kill = None
+
+    def train_step(self) -> dict:
+        if self.kill and self.kill[0] == self.step_done + 1:
+            os.kill(ray.get(self.rewards.replicas[self.kill[1]][0].ping.remote()), signal.SIGKILL)
+            self.kill = None
+        return super().train_step()
+
+
 @pytest.mark.parametrize("mixing", ["per_prompt", "alternate"])
 def test_grpo_mix_logs_each_reward(tiny_assets, tmp_path, mixing):
     rewards = [{"name": "brightness", "label": "bright", "weight": 3.0, "num_cpus": 0.25},
                {"name": "brightness", "label": "dark", "kwargs": {"invert": True}, "weight": 1.0, "num_cpus": 0.25}]
-    if mixing == "alternate":
-        rewards[0]["tasks"], rewards[1]["tasks"] = ["geneval"], ["ocr"]
+    if mixing == "alternate":  # and the "bright" actor dies before step 3, beyond its restarts, before any checkpoint
+        rewards[0]["tasks"], rewards[1]["tasks"], rewards[0]["max_restarts"] = ["geneval"], ["ocr"], 0
     cfg = _grpo_config(tiny_assets, tmp_path, **{"rewards": rewards, "data.mixing": mixing, "train.steps": 4,
                                                  "data.prompts_per_step": 2, "grpo.ema_decay": 0.9,
                                                  "grpo.ema_every": 2, "logger.backend": "tensorboard"})
-    tr = GRPOTrainer(cfg, preflight(cfg))
+    tr = KillingGRPOTrainer(cfg, preflight(cfg))
+    if mixing == "alternate":
+        tr.kill = (3, "bright")
     try:
         hist = tr.run(progress=False)
     finally:
         tr.shutdown()
+    if mixing == "alternate":  # the job started over from step 0: the sampler's sequence and the EMA too
+        (event,) = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+        assert (event["event"], event["step"], event["steps_done"], event["role"]) == ("recovered", 0, 2, "reward actor")
+        assert event["error"].startswith("RewardActorDied: reward 'bright': its actor died")
+        assert tr.opt_steps == sum(not m.get("skipped") for m in hist)  # one minibatch: one optimizer step each
+    assert [m["step"] for m in hist] == [1, 2, 3, 4]
     if mixing == "per_prompt":  # conflicting rewards, both logged on every step
         for m in hist:
             assert set(m["rewards"]) == {"bright", "dark"}

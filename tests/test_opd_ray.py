@@ -1,7 +1,10 @@
 """Flow-OPD on a real local Ray cluster: routing, fault tolerance, NaN targets, DDP equivalence,
-end-to-end distillation and bit-identical resume."""
+end-to-end distillation, bit-identical resume, and jobs that recover from killed actors by themselves."""
 import json
+import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +12,10 @@ import pytest
 import ray
 import torch
 from peft import PeftModel
+from ray.exceptions import ActorDiedError, RayTaskError
 from safetensors.torch import load_file, save_file
 
-from actors.learner import LearnerGroup
+from actors.learner import LearnerGroup, gather_ranks
 from actors.opd_trainer import OPDTrainer
 from actors.resources import check_cluster_resources
 from flowopd.checkpoint import CheckpointManager
@@ -193,6 +197,113 @@ def test_resume_is_bit_identical(straight_run, tiny_assets, tmp_path):
     assert a["trainer_state"]["sampler"] == b["trainer_state"]["sampler"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+class KillingOPDTrainer(OPDTrainer):
+    """SIGKILLs an actor's process before chosen steps, each once (a step replayed after recovery runs clean):
+    `kills` maps a step to a function of the trainer that returns the remote method giving the victim's pid."""
+
+    def __init__(self, cfg, sources, kills: dict | None = None):
+        self.kills = dict(kills or {})
+        super().__init__(cfg, sources)
+
+    def train_step(self) -> dict:
+        victim = self.kills.pop(self.step_done + 1, None)
+        if victim is not None:
+            os.kill(ray.get(victim(self).remote()), signal.SIGKILL)
+        return super().train_step()
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def test_killed_actors_are_rebuilt_and_the_run_stays_bit_identical(straight_run, tiny_assets, tmp_path, caplog):
+    """A rollout worker, a learner rank and a teacher replica (no Ray restarts left) each die by SIGKILL; the
+    job restarts its actors from the newest checkpoint each time and ends exactly where an undisturbed one does."""
+    cfg, straight = straight_run
+    cfg_k = OPDConfig.model_validate(tiny_config_dict(
+        tiny_assets, tmp_path, **{"train.steps": 16, "train.checkpoint_every": 4, "pools.default.max_restarts": 0}))
+    tr = KillingOPDTrainer(cfg_k, preflight(cfg_k), {6: lambda t: t.workers[1].pid, 10: lambda t: t.learners.ranks[1].pid,
+                                                      13: lambda t: t.pools.replicas["default"][0].ping})
+    try:
+        hist = tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    assert not tr.kills
+    assert [m["step"] for m in hist] == list(range(1, 17))
+    assert [m["loss"] for m in hist] == [m["loss"] for m in straight]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+    a = CheckpointManager.load(Path(cfg.output_dir) / "checkpoints" / "step_00000016")
+    b = CheckpointManager.load(tmp_path / "checkpoints" / "step_00000016")
+    for k in a["lora"]:
+        assert np.array_equal(a["lora"][k], b["lora"][k]), k
+    assert a["trainer_state"]["sampler"] == b["trainer_state"]["sampler"]
+    events = _events(tmp_path)
+    assert [(e["event"], e["steps_done"], e["step"], e["failures"], e["role"]) for e in events] == [
+        ("recovered", 5, 4, 1, "rollout worker"), ("recovered", 9, 8, 2, "learner rank"),
+        ("recovered", 12, 12, 3, "teacher replica")]
+    assert all(e["error"].startswith("ActorDiedError: ") for e in events)
+    assert len([r for r in caplog.records if r.name == "train" and "resumed from step" in r.message]) == 3
+
+
+class FaultyOPDTrainer(KillingOPDTrainer):
+    """Hands the learners targets of the wrong shape while `corrupt` is set: a bug, raised in every rank."""
+    corrupt = False
+
+    def learn(self, batch, timer):
+        if self.corrupt:
+            batch = dict(batch, v_task=batch["v_task"][..., :3])
+        return super().learn(batch, timer)
+
+
+def test_bugs_end_the_job_and_so_do_failures_past_max(make_config, tmp_path):
+    cfg = make_config(**{"train.steps": 1, "train.max_failures": 0})
+    out = Path(cfg.output_dir)
+    tr = FaultyOPDTrainer(cfg, preflight(cfg))
+    try:
+        tr.corrupt = True  # the learners' RuntimeError is no dead DDP peer: raised at once, no event logged
+        with pytest.raises(RayTaskError, match="must match the size"):
+            tr.run(progress=False)
+        assert not (out / "events.jsonl").exists() and tr.step_done == 0
+        tr.corrupt = False
+        tr.kills = {1: lambda t: t.workers[0].pid}
+        with pytest.raises(ActorDiedError):
+            tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    (event,) = _events(out)
+    assert (event["event"], event["steps_done"], event["failures"], event["role"]) == ("failed", 0, 1, "rollout worker")
+
+
+def test_a_rank_that_dies_is_reported_before_the_collective_error_of_its_peers():
+    """A peer's RuntimeError from the broken collective becomes the rank's ActorDiedError; other errors stay."""
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def pid(self):
+            return os.getpid()
+
+        def step(self, seconds):
+            threading.Event().wait(seconds)
+
+    @ray.remote(num_cpus=0)
+    def peer(error):
+        raise error
+
+    dying, alive = Rank.remote(), Rank.remote()
+    pid = ray.get(dying.pid.remote())
+    broken = peer.remote(RuntimeError("Connection closed by peer"))
+    ray.wait([broken])  # the peer fails before the rank's death is known, as it can in a real collective
+    threading.Timer(1.0, os.kill, (pid, signal.SIGKILL)).start()
+    with pytest.raises(ActorDiedError) as died:
+        gather_ranks([broken, dying.step.remote(60)])
+    assert isinstance(died.value.__cause__, RayTaskError)
+    with pytest.raises(RayTaskError, match="Connection closed"):
+        gather_ranks([peer.remote(RuntimeError("Connection closed by peer")), alive.step.remote(0)])
+    with pytest.raises(RayTaskError, match="a bug"):
+        gather_ranks([peer.remote(ValueError("a bug")), alive.step.remote(60)])
+    ray.kill(alive)
 
 
 def test_over_asking_gpus_is_refused(make_config):

@@ -102,3 +102,19 @@ def test_default_rollout_is_the_full_sde_from_each_samples_own_noise(tiny):
     torch.testing.assert_close(states[1], ref_states[1])
     torch.testing.assert_close(logps[1], ref_logps[1])
     torch.testing.assert_close(final, ref_final)
+
+
+@torch.no_grad()
+def test_ode_rollouts_draw_no_step_noise(tiny):
+    """DiffusionOPD's deterministic rollouts: each sample's generator gives its initial noise and nothing
+    more, and no transition log-prob is computed (all zero)."""
+    model, e, p, neg = tiny
+    ids, shape = np.arange(2), (4, 8, 8)
+    gens = sample_generators(0, 1, ids, "cpu")
+    states, _, logps, _ = sample_trajectories(model, e, p, *neg, shifted_sigmas(5, 3.0), 0.0, 3.0, shape, gens,
+                                              [0, 1, 2])
+    fresh = sample_generators(0, 1, ids, "cpu")
+    for g, f in zip(gens, fresh):
+        torch.randn(shape, generator=f)  # the initial noise
+        assert torch.equal(torch.randn(8, generator=g), torch.randn(8, generator=f))
+    assert states.shape[0] == 3 and not logps.any()
