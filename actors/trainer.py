@@ -198,7 +198,6 @@ class Trainer(ABC):
             except (RayActorError, RewardActorDied) as again:
                 err = again
                 continue
-            self._truncate_metrics(self.step_done)
             self._log_event({"event": "recovered", "step": self.step_done, **event})
             log.warning("%s died after step %d (%s); restarted every actor and resumed from step %d "
                         "(failure %d of at most %d)", event["role"], event["steps_done"], event["error"],

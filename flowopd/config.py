@@ -226,6 +226,10 @@ class RewardSpec(Resources):
         return self.tasks is None or task in self.tasks
 
 
+def reward_groups(specs: list[RewardSpec]) -> dict[str, tuple[Resources, int]]:
+    return {f"rewards.{r.key}": (r, r.replicas) for r in specs}
+
+
 def unrouted(task: str, route: dict[str, str]) -> str | None:
     return None if task in route else f"has no entry under `route` (routed tasks: {sorted(route)})"
 
@@ -321,7 +325,7 @@ class GRPOConfig(JobConfig):
     export_dir: str | None = None
 
     def actor_groups(self) -> dict[str, tuple[Resources, int]]:
-        return {**{f"rewards.{r.key}": (r, r.replicas) for r in self.rewards}, **super().actor_groups()}
+        return {**reward_groups(self.rewards), **super().actor_groups()}
 
     def reward_specs(self) -> list[RewardSpec]:
         return self.rewards
@@ -391,8 +395,7 @@ class EvalConfig(RunConfig):
         return self
 
     def actor_groups(self) -> dict[str, tuple[Resources, int]]:
-        return {**{f"rewards.{r.key}": (r, r.replicas) for r in self.rewards},
-                "rollout": (self.rollout, self.rollout.workers)}
+        return {**reward_groups(self.rewards), "rollout": (self.rollout, self.rollout.workers)}
 
     def samples_for(self, task: str) -> int:
         counts = self.samples_per_prompt

@@ -28,7 +28,7 @@ from flowopd.config import ConfigError, apply_overrides
 from flowopd.data import DataError
 from pipelines import stage1
 from pipelines.launch import setup_logging
-from pipelines.recipe import Recipe, load_recipe, shorten
+from pipelines.recipe import OPD_STAGES, Recipe, load_recipe, shorten
 from pipelines.report import (
     Results,
     comparison_claims,
@@ -45,7 +45,7 @@ from pipelines.report import (
 log = logging.getLogger("demo")
 SHIPPED_STAGE1 = "assets/world/stage1"
 STAGE1_CONFIG = "configs/world_stage1.yaml"
-ROWS = ("base", "grpo_mix", "cascade", "cold_start", "opd_without_mar", "diffusionopd", "opd")  # teachers after base
+ROWS = ("base", "grpo_mix", "cascade", "cold_start", *OPD_STAGES)  # teachers go after base
 REACHES = 0.95  # "reaches the teacher": at least this fraction of the teacher's score on its own task
 
 
