@@ -5,10 +5,11 @@ import numpy as np
 
 from flowopd.flow import shifted_sigmas
 from flowopd.grpo import ema_update, group_advantages, informative_groups
+from flowopd.learner import select_states
 from flowopd.objectives import FlowGRPO
 
 from .reward import RewardPools
-from .trainer import Trainer, concat_rollouts, select_states
+from .trainer import Trainer, concat_rollouts
 
 
 class GRPOTrainer(Trainer):

@@ -11,7 +11,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flowopd.learner import PER_STATE, Learner
+from flowopd.learner import PER_STATE, Learner, payload_bytes, select_states
 from flowopd.models import quiet_libraries
 
 
@@ -43,6 +43,25 @@ class LearnerRank:
 
     def train_step(self, batch: dict, total_states: int) -> dict:
         return self.learner.train_step(batch, total_states)
+
+    def accumulate(self, group: int, rollout: dict, v_task: np.ndarray, v_mar: np.ndarray | None) -> dict:
+        """Gradient of this rank's share of one micro-group (an even split of its states over the ranks, as
+        the phased step splits a batch). The rollout and the teacher targets arrive as references, resolved
+        here, never through the driver (on one node every rank maps the same object); states with a
+        non-finite target are left out. Returns the per-state terms of the kept states, all small."""
+        n = len(v_task)
+        lo, hi = np.linspace(0, n, self.world + 1).astype(int)[self.rank:self.rank + 2]
+        finite = np.isfinite(v_task[lo:hi]).all(axis=tuple(range(1, v_task.ndim)))
+        if v_mar is not None:
+            finite &= np.isfinite(v_mar[lo:hi]).all(axis=tuple(range(1, v_mar.ndim)))
+        batch = select_states({**rollout, "v_task": v_task, "v_mar": v_mar}, lo + np.nonzero(finite)[0])
+        terms = self.learner.accumulate(group, batch) if finite.any() else {}
+        return {"group": group, "rank": self.rank, "nonfinite": int(hi - lo - finite.sum()),
+                "step_idx": batch["step_idx"], "state_bytes": payload_bytes(batch),
+                **{k: v.cpu().numpy() for k, v in terms.items()}}
+
+    def apply(self, total_states: int) -> dict:
+        return {"grad_norm": float(self.learner.apply(total_states))}
 
     def lora_state(self) -> dict:
         return self.learner.lora_state()
@@ -88,8 +107,21 @@ class LearnerGroup:
             refs.append(r.train_step.remote(shard, n))
         return gather_ranks(refs)
 
+    def accumulate(self, group: int, rollout_ref, v_task_ref, v_mar_ref=None) -> list:
+        """Queue one micro-group's gradient, each rank on its share of the states; returns the references to
+        the ranks' small results."""
+        return [r.accumulate.remote(group, rollout_ref, v_task_ref, v_mar_ref) for r in self.ranks]
+
+    def apply(self, total_states: int) -> list[dict]:
+        """End the step: one synchronised optimizer step from the micro-groups accumulated on every rank."""
+        return gather_ranks([r.apply.remote(total_states) for r in self.ranks])
+
     def lora_state(self) -> dict:
-        return ray.get(self.ranks[0].lora_state.remote())
+        return ray.get(self.lora_state_ref())
+
+    def lora_state_ref(self) -> "ray.ObjectRef":
+        """The student's weights as an object reference: rollout workers fetch them from rank 0 directly."""
+        return self.ranks[0].lora_state.remote()
 
     def optimizer_state(self) -> dict:
         return ray.get(self.ranks[0].optimizer_state.remote())

@@ -22,7 +22,12 @@ class RewardActor:
         self.reward = make_reward(name, kwargs)
         self.fn = getattr(self.reward, "score", None) or self.reward
 
-    def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict[str, np.ndarray]:
+    def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict],
+              select: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Scores of images[select] (all by default): `select` lets a caller pass a reference to a whole
+        batch of images (resolved here) instead of shipping each slice through itself."""
+        if select is not None:
+            images = images[select]
         return check_outputs(self.label, self.fn(images, prompts, metadata), len(images))
 
     def ping(self) -> int:
@@ -43,8 +48,10 @@ class RewardPools:
     def actors(self) -> list:
         return [a for reps in self.replicas.values() for a in reps]
 
-    def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict], tasks: list[str]) -> list:
-        """Queue every applicable reward on the images in batches; returns jobs for `collect`."""
+    def submit(self, images, prompts: list[str], metadata: list[dict], tasks: list[str]) -> list:
+        """Queue every applicable reward on the images (an array, or a reference to one) in batches; returns
+        jobs for `collect`."""
+        by_ref = isinstance(images, ray.ObjectRef)
         jobs = []
         for spec in self.specs:
             idx = np.asarray([i for i, t in enumerate(tasks) if spec.applies_to(t)], dtype=int)
@@ -53,8 +60,9 @@ class RewardPools:
                 sel = idx[lo:lo + spec.batch_size]
                 rep = reps[self._next[spec.key] % len(reps)]
                 self._next[spec.key] += 1
-                jobs.append((spec.key, sel, rep.score.remote(images[sel], [prompts[i] for i in sel],
-                                                             [metadata[i] for i in sel])))
+                args = (images, [prompts[i] for i in sel], [metadata[i] for i in sel], sel) if by_ref else (
+                    images[sel], [prompts[i] for i in sel], [metadata[i] for i in sel])
+                jobs.append((spec.key, sel, rep.score.remote(*args)))
         return jobs
 
     def combine(self, scores: dict, tasks: np.ndarray) -> np.ndarray:

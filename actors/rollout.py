@@ -25,7 +25,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.pipe = load_pipeline(cfg.student_base(), self.dtype, self.device)
+        self.pipe = load_pipeline(cfg.student_base(), self.dtype, self.device, cfg.model.compile)
         s = cfg.student
         self.model = add_student_adapter(self.pipe.transformer,
                                          lora_config(s.lora_rank, s.lora_alpha, s.lora_targets, s.lora_init),
@@ -49,12 +49,36 @@ class RolloutWorker:
         """G samples for each prompt; returns every trained state, flattened in (step j, sample) order,
         and with decode=True the final images (uint8, one per sample, for rewards)."""
         self.set_weights(version, lora)
+        ro, final = self._sample(step, prompts, prompt_ids)
+        ro["images"] = decode_images(self.pipe, final) if decode else None
+        return ro
+
+    def rollout_stream(self, step: int, version: int, lora: dict, groups: list[tuple], decode: bool = False):
+        """`rollout` for one micro-group after another, as a Ray streaming generator; a group is (prompts,
+        prompt ids, samples as (prompt index in the group, sample index k < G) pairs). Each group's states
+        are yielded as soon as they exist (then, with decode=True, its images), so that labelling and
+        learning start while later groups are still sampled. The states stay in the object store; the
+        driver only passes their reference on."""
+        self.set_weights(version, lora)
+        for prompts, prompt_ids, samples in groups:
+            ro, final = self._sample(step, prompts, prompt_ids, samples)
+            yield ro
+            if decode:
+                yield decode_images(self.pipe, final)
+
+    def _sample(self, step: int, prompts: list[str], prompt_ids: list[int],
+                samples: list[tuple[int, int]] | None = None) -> tuple[dict, torch.Tensor]:
+        """The states of the given samples (default: all G of every prompt; see `rollout`) and their final
+        latents. A sample's noise depends on its prompt id and index only, so any split of a step's samples
+        gives the same states."""
         cfg, sc = self.cfg, self.cfg.sampling
         G, dev = cfg.data.group_size, self.device
         embeds, pooled = encode_prompts(self.pipe, prompts, cfg.model.max_sequence_length)
         autocast = self.dtype if self.dtype != torch.float32 else None
-        sample_prompt = np.repeat(np.arange(len(prompts)), G)
-        sample_ids = np.repeat(np.asarray(prompt_ids), G) * G + np.tile(np.arange(G), len(prompts))
+        if samples is None:
+            samples = [(p, k) for p in range(len(prompts)) for k in range(G)]
+        sample_prompt, index = np.asarray(samples, dtype=int).reshape(-1, 2).T
+        sample_ids = np.asarray(prompt_ids)[sample_prompt] * G + index
         stochastic, trained = sde_schedule(sc.num_steps, sc, cfg.seed, step)
         outs = []
         bs = cfg.rollout.batch_size
@@ -69,8 +93,7 @@ class RolloutWorker:
         J, B = x.shape[:2]
         step_idx = np.repeat(np.asarray(trained), B)
         pg = cfg.needs_transitions()  # only score-function losses need x' and log-probs
-        final = torch.cat([o[3] for o in outs])
-        return {
+        ro = {
             "x": x.flatten(0, 1).cpu().numpy(), "x_next": x_next.flatten(0, 1).cpu().numpy() if pg else None,
             "logp_old": logp.flatten().cpu().numpy() if pg else None,
             "step_idx": step_idx, "prompt_idx": np.tile(sample_prompt, J),
@@ -78,9 +101,9 @@ class RolloutWorker:
             "sigma": self.sigmas[step_idx].numpy(),
             "embeds": embeds.numpy(), "pooled": pooled.numpy(),
             "neg_embeds": self.neg[0].numpy(), "neg_pooled": self.neg[1].numpy(),
-            "images": decode_images(self.pipe, final) if decode else None,
             "version": self.version,
         }
+        return ro, torch.cat([o[3] for o in outs])
 
     def ping(self) -> int:
         return self.version

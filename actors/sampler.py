@@ -24,8 +24,8 @@ class Sampler:
         self.guidance = {name: spec.get("guidance") for name, spec in models.items()}
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(model_cfg.dtype, self.device)
-        self.pipe = load_pipeline(model_cfg.base, self.dtype, self.device)
-        self.bank = ModelBank(model_cfg.base, models, self.dtype, self.device, base_module=self.pipe.transformer)
+        self.pipe = load_pipeline(model_cfg.base, self.dtype, self.device, model_cfg.compile)
+        self.bank = ModelBank(model_cfg.base, models, self.dtype, self.device, self.pipe.transformer, model_cfg.compile)
         self.sigmas = shifted_sigmas(sampling.num_steps, sampling.shift)
         self.neg = [t.to(self.device) for t in self.encode([sampling.negative_prompt])]
         side = model_cfg.resolution // self.pipe.vae_scale_factor

@@ -13,12 +13,12 @@ class TeacherServer:
     """Hosts several frozen teachers on one base (see ModelBank) and answers batched velocity queries."""
 
     def __init__(self, base: str, teachers: dict[str, dict], dtype: str = "auto", batch_size: int = 32,
-                 device: str = "auto"):
+                 device: str = "auto", compile: bool = False):
         quiet_libraries()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.bank = ModelBank(base, teachers, self.dtype, self.device)
+        self.bank = ModelBank(base, teachers, self.dtype, self.device, compile=compile)
 
     @torch.no_grad()
     def velocity(self, teacher: str, x: np.ndarray, sigma: np.ndarray, prompt_idx: np.ndarray,
@@ -37,6 +37,11 @@ class TeacherServer:
                              embeds[pi].to(dev), pooled[pi].to(dev), neg_e, neg_p, guidance, autocast)
                 out.append(v.float().cpu().numpy())
         return np.concatenate(out)
+
+    def label(self, teacher: str, ro: dict, guidance: float) -> np.ndarray:
+        """`velocity` at every state of one rollout micro-group (passed by reference: it comes straight from
+        the rollout worker's output in the object store, not through the driver)."""
+        return self.velocity(teacher, ro["x"], ro["sigma"], ro["prompt_idx"], ro, guidance)
 
     def ping(self) -> int:
         return os.getpid()
@@ -60,7 +65,8 @@ class TeacherPools:
             opts = {"num_gpus": pc.num_gpus, "num_cpus": pc.num_cpus, "resources": pc.resources or None,
                         "max_restarts": pc.max_restarts, "max_task_retries": pc.max_restarts}
             self.replicas[pool_name] = [
-                remote_cls.options(**opts).remote(cfg.model.base, hosted, cfg.model.dtype, pc.batch_size)
+                remote_cls.options(**opts).remote(cfg.model.base, hosted, cfg.model.dtype, pc.batch_size,
+                                                  compile=cfg.model.compile)
                 for _ in range(pc.replicas)]
             self._next[pool_name] = 0
 
@@ -77,3 +83,12 @@ class TeacherPools:
             out.append((slice(lo, hi), rep.velocity.remote(teacher, x[lo:hi], sigma[lo:hi], prompt_idx[lo:hi],
                                                            text_ref, guidance)))
         return out
+
+    def label(self, teacher: str, rollout_ref) -> "ray.ObjectRef":
+        """The velocity targets of `teacher` for every state of one rollout micro-group, on the pool's next
+        replica (round robin); returns the reference, so the targets can go to a learner unseen."""
+        pool = self.pool_of[teacher]
+        reps = self.replicas[pool]
+        rep = reps[self._next[pool] % len(reps)]
+        self._next[pool] += 1
+        return rep.label.remote(teacher, rollout_ref, self.cfg.teacher_guidance(teacher))

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import ray
 from peft import LoraConfig
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from flowopd.checkpoint import CheckpointManager
 from flowopd.data import MixtureSampler
-from flowopd.learner import PER_STATE
+from flowopd.learner import PER_STATE, payload_bytes
 from flowopd.models import lora_config
 from flowopd.objectives import Objective
 from flowopd.tracking import make_tracker
@@ -73,8 +73,32 @@ class Trainer(ABC):
         self.roles = {a._actor_id.hex(): role for role, actors in groups.items() for a in actors}
         ray.get([a.ping.remote() for a in self.services + self.workers])
         self.step_done = 0
-        self.lora = self.learners.lora_state()
+        self.bytes_in = 0
+        self.sync_weights()
         self._step_end = None
+
+    @property
+    def lora(self) -> dict:
+        """The student's LoRA weights, fetched by the driver only when it needs them (checkpoints, export,
+        an EMA); every step hands `lora_ref` from the learners to the rollout workers unseen."""
+        if self._lora is None:
+            self._lora = self.fetch([self.lora_ref])[0]
+        return self._lora
+
+    @lora.setter
+    def lora(self, value: dict) -> None:
+        self._lora, self.lora_ref = value, ray.put(value)
+
+    def sync_weights(self) -> None:
+        """The weight sync: a reference to the learners' new weights, waited for where it is made."""
+        self._lora, self.lora_ref = None, self.learners.lora_state_ref()
+        ray.wait([self.lora_ref], fetch_local=False)
+
+    def fetch(self, refs: list) -> list:
+        """ray.get, counting the bytes of arrays the driver receives (`driver_bytes` in the metrics)."""
+        values = ray.get(refs)
+        self.bytes_in += payload_bytes(values)
+        return values
 
     @staticmethod
     @abstractmethod
@@ -182,10 +206,12 @@ class Trainer(ABC):
             if died is None:
                 raise err
             failures += 1
-            first_line = next(iter(str(err).strip().splitlines()), "")
+            # a task that failed because an actor it depended on died carries that death as its cause
+            shown = err.cause if isinstance(err, RayTaskError) and isinstance(err.cause, RayActorError) else err
+            first_line = next(iter(str(shown).strip().splitlines()), "")
             event = {"steps_done": steps_done, "failures": failures,
                      "role": self.roles.get(died.actor_id, "unknown actor"),
-                     "error": f"{type(err).__name__}: {first_line}"}
+                     "error": f"{type(shown).__name__}: {first_line}"}
             if failures > self.cfg.train.max_failures:
                 self._log_event({"event": "failed", **event})
                 log.error("%s died after step %d (%s); failure %d is more than train.max_failures=%d, stopping",
@@ -215,7 +241,9 @@ class Trainer(ABC):
         """One on-policy step; returns its metrics line."""
 
     def start_step(self) -> "StepTimer":
-        """A timer for the step beginning now; time since the previous step ended counts as its `other`."""
+        """A timer for the step beginning now; time since the previous step ended counts as its `other`.
+        The count of bytes received by the driver starts again too."""
+        self.bytes_in = 0
         return StepTimer(self.work_name, self._step_end)
 
     def end_step(self, timer: "StepTimer") -> dict:
@@ -228,15 +256,14 @@ class Trainer(ABC):
         """Start every worker on its share of the prompts with the current weights; yield (prompt ids,
         rollout) as each finishes, so labelling or scoring overlaps the rollouts still running."""
         version = self.step_done
-        lora_ref = ray.put(self.lora)
         shards = np.array_split(np.arange(len(records)), len(self.workers))
-        pending = {w.rollout.remote(step, version, lora_ref, [records[i].prompt for i in ids], ids.tolist(),
+        pending = {w.rollout.remote(step, version, self.lora_ref, [records[i].prompt for i in ids], ids.tolist(),
                                     decode): ids
                    for w, ids in zip(self.workers, shards) if len(ids)}
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             ids = pending.pop(ref)
-            ro = ray.get(ref)
+            (ro,) = self.fetch([ref])
             if ro["version"] != version:
                 raise RuntimeError(f"rollout used weights v{ro['version']}, expected v{version}")
             if not pending:
@@ -249,9 +276,10 @@ class Trainer(ABC):
         results = None
         if len(batch["x"]) >= len(self.learners.ranks):
             results = self.learners.train_step(batch)
+            self.bytes_in += payload_bytes(results)
         t_learn = time.perf_counter()
         if results is not None:
-            self.lora = self.learners.lora_state()
+            self.sync_weights()
         timer.add("learn", t_learn - t)
         timer.add("sync", time.perf_counter() - t_learn)
         return results
@@ -282,11 +310,6 @@ class StepTimer:
         t = {**self.phases, "total": self.end - self.since}
         t["other"] = t["total"] - sum(self.phases.values())
         return {k: round(v, 4) for k, v in t.items()}
-
-
-def select_states(batch: dict, keep: np.ndarray) -> dict:
-    """The batch restricted to the states in `keep` (per-prompt entries are left whole)."""
-    return {k: (v[keep] if k in PER_STATE and v is not None else v) for k, v in batch.items()}
 
 
 def concat_rollouts(parts: list[dict], extra: tuple[str, ...] = ()) -> dict:

@@ -26,6 +26,7 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_sequence_length: int = Field(256, gt=0)
     resolution: int = Field(512, gt=0)
+    compile: bool = False  # torch.compile every transformer (a GPU speed-up; see docs/gpu.md)
 
 
 class StudentConfig(Strict):
@@ -244,7 +245,20 @@ def check_unique_labels(field: str, specs: list[RewardSpec]) -> None:
         raise ValueError(f"{field}: labels must be unique, got {keys} (set `label`)")
 
 
+class OPDRollout(RolloutConfig):
+    # overlap: each worker streams its samples in micro-groups of at most `micro_group` samples of one task;
+    # each is labelled by its teachers and its gradient accumulated by the learner ranks as soon as it
+    # exists, and one optimizer step ends the step (still on-policy). Smaller micro-groups overlap more.
+    # false: all rollouts, then all labels, then learning.
+    overlap: bool = True
+    micro_group: int | None = Field(None, gt=0)  # samples; default: rollout.batch_size
+
+    def micro_group_samples(self) -> int:
+        return self.micro_group or self.batch_size
+
+
 class OPDConfig(JobConfig):
+    rollout: OPDRollout = OPDRollout()
     teachers: dict[str, TeacherConfig] = Field(min_length=1)
     route: dict[str, str] = Field(min_length=1)
     mar: MarConfig = MarConfig()

@@ -1,13 +1,17 @@
 """The learner (pure torch): student LoRA, AdamW, micro-batched optimisation of an Objective, optional DDP.
 
-Each rank scales its summed per-state loss by world/N_total, so DDP's gradient average equals the
-gradient of the mean loss over the whole (possibly unevenly split) batch.
+Two ways to take a step, with the same update (the gradient of the mean loss over all of a step's states):
+* `train_step` on this rank's share of the batch: each rank scales its summed per-state loss by
+  world/N_total, so DDP's gradient average equals the mean over the whole (possibly unevenly split) batch.
+* `accumulate` one micro-group at a time, as they arrive, then `apply`: the micro-groups' summed-loss
+  gradients are added in micro-group order, summed over ranks (one all-reduce) and divided by N_total.
 """
 from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .flow import shifted_sigmas
@@ -28,6 +32,22 @@ from .objectives import Objective
 PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar", "adv")
 
 
+def select_states(batch: dict, keep: np.ndarray) -> dict:
+    """The batch restricted to the states in `keep` (per-prompt entries are left whole)."""
+    return {k: (v[keep] if k in PER_STATE and v is not None else v) for k, v in batch.items()}
+
+
+def payload_bytes(obj) -> int:
+    """Bytes of the arrays in a (nested) payload: what moving it between processes costs."""
+    if isinstance(obj, np.ndarray | torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
 class Learner:
     """Runs micro-batches, DDP and the optimizer; what is optimised is the `objective`'s business."""
 
@@ -37,7 +57,7 @@ class Learner:
         dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.autocast = dtype if dtype != torch.float32 else None
         s = cfg.student
-        base = load_transformer(cfg.student_base(), dtype, self.device)
+        base = load_transformer(cfg.student_base(), dtype, self.device, cfg.model.compile)
         if cfg.learner.gradient_checkpointing:
             base.enable_gradient_checkpointing()
         torch.manual_seed(cfg.seed)  # the same fresh LoRA init on every rank and in every run
@@ -53,6 +73,7 @@ class Learner:
         # constant tables live on the model's device once: they are indexed by per-state step indices there
         self.sigmas = shifted_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(self.device)
         self.objective = objective.to(self.device)
+        self._pending: dict[int, torch.Tensor] = {}  # accumulated micro-group gradients, by group id
 
     def _reference(self, b, sl, j, pi) -> torch.Tensor:
         """The frozen reference velocity: the student with its adapter disabled, the objective's guidance."""
@@ -67,17 +88,51 @@ class Learner:
 
     def step(self, batch: dict, total_states: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The optimizer step itself; per-state terms and the grad norm stay on the model's device."""
-        b = {k: as_tensor(v, self.device) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        self.opt.zero_grad(set_to_none=True)
+        terms = self._backward(self._tensors(batch), self.world / total_states, self.ddp)
+        return terms, self._clip_and_step()
+
+    def accumulate(self, group: int, batch: dict) -> dict[str, torch.Tensor]:
+        """Backward of one micro-group's summed per-state loss; its gradient is kept apart (one flat vector)
+        until `apply`, which adds them in group order, so the update does not depend on arrival order."""
+        for p in self.params:
+            p.grad = None
+        terms = self._backward(self._tensors(batch), 1.0)
+        self._pending[group] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                          for p in self.params])
+        return terms
+
+    def apply(self, total_states: int) -> torch.Tensor:
+        """One optimizer step from the accumulated micro-groups of every rank: the gradient of the mean loss
+        over the step's `total_states` states. Returns the grad norm (before clipping)."""
+        flat = torch.zeros(sum(p.numel() for p in self.params), device=self.device)
+        for group in sorted(self._pending):
+            flat += self._pending[group]
+        self._pending.clear()
+        if self.world > 1:
+            dist.all_reduce(flat)
+        flat /= total_states
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return self._clip_and_step()
+
+    def _tensors(self, batch: dict) -> dict:
+        return {k: as_tensor(v, self.device) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+    def _backward(self, b: dict, scale: float, ddp: DDP | None = None) -> dict[str, torch.Tensor]:
+        """Backward of `scale` x the summed per-state loss, one micro-batch at a time (through `ddp`, which
+        then reduces gradients once, after the last micro-batch); returns the per-state terms."""
         n = b["x"].shape[0]
         mb = self.cfg.learner.micro_batch_size
         chunks = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
-        model, obj = self.ddp or self.model, self.objective
+        model, obj = ddp or self.model, self.objective
         terms: dict[str, list] = {}
         self.model.train()
-        self.opt.zero_grad(set_to_none=True)
         for ci, sl in enumerate(chunks):
-            sync = ci == len(chunks) - 1 or self.ddp is None
-            with (nullcontext() if sync else self.ddp.no_sync()):
+            sync = ci == len(chunks) - 1 or ddp is None
+            with (nullcontext() if sync else ddp.no_sync()):
                 j = b["step_idx"][sl].long()
                 pi = b["prompt_idx"][sl].long()
                 v = velocity(model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
@@ -85,11 +140,14 @@ class Learner:
                 loss, out = obj(v, b, sl, j, partial(self._reference, b, sl, j, pi))
                 for k, val in out.items():
                     terms.setdefault(k, []).append(val.detach().float())
-                (loss.sum() * self.world / total_states).backward()
+                (loss.sum() * scale).backward()
+        self.model.eval()
+        return {k: torch.cat(v) for k, v in terms.items()}
+
+    def _clip_and_step(self) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
         self.opt.step()
-        self.model.eval()
-        return {k: torch.cat(v) for k, v in terms.items()}, grad_norm
+        return grad_norm
 
     def lora_state(self) -> dict:
         return {k: v.numpy() for k, v in lora_state(self.model).items()}

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
+from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -24,6 +25,7 @@ from transformers import (
 
 from .config import LORA_TARGETS
 from .flow import cfg_velocity
+from .simulated import SimulatedTransformer
 
 STUDENT = "default"  # peft saves the "default" adapter as a plain adapter directory
 
@@ -84,14 +86,23 @@ PRESETS = {
               "clip_dims": (768, 1280), "t5_dim": 4096, "text_layers": 1,
               "vae": {"latent_channels": 16, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
                       "norm_num_groups": 32}},
+    # CPU cluster simulations (flowopd.simulated): SD3.5-M's tensor sizes at a delay per call; thin text
+    # encoders (T5 d_ff 16) of the real widths, a thin VAE with scale 8 and 16 latent channels.
+    "sim": {"transformer_class": SimulatedTransformer,
+            "transformer": {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+                            "num_layers": 24, "width": 1536, "joint_attention_dim": 4096,
+                            "pooled_projection_dim": 2048},
+            "clip_dims": (768, 1280), "t5_dim": 4096, "t5_ff": 16, "text_layers": 1,
+            "vae": {"latent_channels": 16, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1,
+                    "norm_num_groups": 4}},
 }
 
 
 def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_overrides) -> StableDiffusion3Pipeline:
     """A random-init SD3 pipeline of the real classes with in-memory tokenizers; runs offline.
 
-    Presets: "tiny" (CPU; 16 px images) and "sd35m" (SD3.5-Medium-size transformer, for GPU benchmarks).
-    """
+    Presets: "tiny" (CPU; 16 px images), "sd35m" (SD3.5-Medium-size transformer, for GPU benchmarks) and "sim"
+    (flowopd.simulated's stand-in at SD3.5-M's tensor sizes, for CPU cluster simulations)."""
     spec = PRESETS[preset]
     torch.manual_seed(seed)
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
@@ -113,10 +124,11 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_ove
             eos_token_id=1, pad_token_id=1))
 
     t5_dim = spec["t5_dim"]
-    t5_cfg = T5Config(vocab_size=len(t5_vocab), d_model=t5_dim, d_kv=8, d_ff=2 * t5_dim, num_layers=layers,
-                      num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    t5_cfg = T5Config(vocab_size=len(t5_vocab), d_model=t5_dim, d_kv=8, d_ff=spec.get("t5_ff", 2 * t5_dim),
+                      num_layers=layers, num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1)
     tcfg = {**spec["transformer"], **transformer_overrides}
-    transformer = SD3Transformer2DModel(**tcfg)
+    transformer = spec.get("transformer_class", SD3Transformer2DModel)(**tcfg)
     v = spec["vae"]
     n = len(v["block_out_channels"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=v["latent_channels"],
@@ -135,20 +147,67 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_ove
     return pipe
 
 
-def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> StableDiffusion3Pipeline:
-    return StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device="cpu",
+                  compile: bool = False) -> StableDiffusion3Pipeline:
+    simulated = transformer_class(transformer_config(path)) is SimulatedTransformer  # not a diffusers class
+    extra = {"transformer": load_transformer(path, dtype, device)} if simulated else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **extra).to(device)
+    if compile:
+        compile_transformer(pipe.transformer)
+    return pipe
 
 
-def load_transformer(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SD3Transformer2DModel:
+def load_transformer(path: str, dtype: torch.dtype = torch.float32, device="cpu",
+                     compile: bool = False) -> SD3Transformer2DModel:
     """The transformer of a diffusers pipeline directory, or a bare transformer directory."""
     sub = "transformer" if (Path(path) / "transformer" / "config.json").exists() else None
-    model = SD3Transformer2DModel.from_pretrained(path, subfolder=sub, dtype=dtype, local_files_only=True)
-    return model.to(device).requires_grad_(False).eval()
+    cls = transformer_class(transformer_config(path))
+    model = cls.from_pretrained(path, subfolder=sub, dtype=dtype, local_files_only=True)
+    model = model.to(device).requires_grad_(False).eval()
+    return compile_transformer(model) if compile else model
+
+
+# graphs per process: dynamo counts them per code object, which all transformers of a class share (buckets
+# x adapters or base x grad mode x train/eval, summed over the transformers an actor hosts)
+RECOMPILE_LIMIT = 64
+
+
+def compile_transformer(model: SD3Transformer2DModel) -> SD3Transformer2DModel:
+    """torch.compile in place (nn.Module.compile), so that peft can still wrap the module and switch its
+    adapters. Static shapes: `velocity` pads every batch to a `batch_bucket` size, so each bucket compiles
+    once; each adapter, grad mode and train/eval state the module is called in adds its own graphs."""
+    if model._compiled_call_impl is None:
+        cfg = torch._dynamo.config  # cache_size_limit: recompile_limit's name before torch 2.6, still an alias
+        cfg.cache_size_limit = max(cfg.cache_size_limit, RECOMPILE_LIMIT)
+        model.compile(dynamic=False)
+    return model
+
+
+def is_compiled(model) -> bool:
+    """Whether the transformer in `model` (bare, peft-wrapped or under DDP) was compiled in place."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model._compiled_call_impl is not None
+
+
+def batch_bucket(n: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) that is at least n: a compiled
+    model sees few batch sizes, padding wastes at most a third, and 8/24/48-sample batches (16/48/96 with
+    CFG) need none."""
+    p = 1 << max(n - 1, 0).bit_length()
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
 def transformer_config(path: str) -> dict:
     sub = Path(path) / "transformer" / "config.json"
     return json.loads((sub if sub.exists() else Path(path) / "config.json").read_text())
+
+
+def transformer_class(config: dict) -> type:
+    """SD3Transformer2DModel, or the CPU stand-in (flowopd.simulated) a transformer config names."""
+    return SimulatedTransformer if config.get("_class_name") == SimulatedTransformer.__name__ else SD3Transformer2DModel
 
 
 @torch.no_grad()
@@ -196,11 +255,15 @@ def velocity(model, latents, sigma, embeds, pooled, neg_embeds=None, neg_pooled=
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(latents.shape[0])
     dtype = next(model.parameters()).dtype
     ctx = (torch.autocast(latents.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext())
+    bucketed = is_compiled(model)
 
     def forward(x, t, e, p):
+        n = x.shape[0]
+        if bucketed and (pad := batch_bucket(n) - n):  # copies of the last row, sliced off below
+            x, t, e, p = (torch.cat([a, a[-1:].expand(pad, *a.shape[1:])]) for a in (x, t, e, p))
         with ctx:
             return model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=e.to(dtype),
-                         pooled_projections=p.to(dtype), return_dict=False)[0].float()
+                         pooled_projections=p.to(dtype), return_dict=False)[0][:n].float()
 
     t = sigma * 1000
     if not use_cfg:
@@ -221,11 +284,11 @@ class ModelBank:
     and full transformer checkpoints. `use(name)` is a context manager yielding the module to call."""
 
     def __init__(self, base: str, specs: dict[str, dict], dtype: torch.dtype, device: torch.device,
-                 base_module=None):
+                 base_module=None, compile: bool = False):
         self.kind, self.full, self.peft = {}, {}, None
         needs_base = any(not spec.get("transformer") for spec in specs.values())
         self.base = base_module if base_module is not None else (
-            load_transformer(base, dtype, device) if needs_base else None)
+            load_transformer(base, dtype, device, compile) if needs_base else None)
         for name, spec in specs.items():
             if spec.get("adapter"):
                 if self.peft is None:
@@ -234,7 +297,7 @@ class ModelBank:
                     self.peft.load_adapter(spec["adapter"], adapter_name=name)
                 self.kind[name] = "adapter"
             elif spec.get("transformer"):
-                self.full[name] = load_transformer(spec["transformer"], dtype, device)
+                self.full[name] = load_transformer(spec["transformer"], dtype, device, compile)
                 self.kind[name] = "full"
             else:
                 self.kind[name] = "base"
@@ -298,7 +361,8 @@ def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:
     if peft_type != "LORA":
         raise ValueError(f"{cfg_file}: peft_type is {peft_type!r}, only LORA adapters are supported")
     with torch.device("meta"):
-        base = SD3Transformer2DModel.from_config(transformer_config(base_dir))
+        cfg = transformer_config(base_dir)
+        base = transformer_class(cfg).from_config(cfg)
     modules = dict(base.named_modules())
     for key, shape in _tensor_shapes(weights).items():
         if ".lora_A." not in key and ".lora_B." not in key:

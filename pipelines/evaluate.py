@@ -58,7 +58,7 @@ def settings_fingerprint(cfg: EvalConfig, records) -> str:
     """Everything besides the model that decides a row: prompts, seeds, sampler, rewards, base weights."""
     doc = {"records": [(r.prompt, r.task, r.metadata, cfg.samples_for(r.task)) for r in records],
            "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json", exclude=ROLLOUT_ONLY),
-           "model": cfg.model.model_dump(mode="json", exclude={"base"}),
+           "model": cfg.model.model_dump(mode="json", exclude={"base", "compile"}),  # compile: how, not what
            "base": _hash_files(Path(cfg.model.base).rglob("*.safetensors")),
            "rewards": [r.model_dump(mode="json", include={"name", "label", "kwargs", "tasks"}) for r in cfg.rewards]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -6,6 +6,7 @@ The VAE and then the transformer of a "world"-preset SD3 pipeline learn renderin
 prompts (a fraction of them deliberately wrong), on CPU in about 75 minutes on 2 cores. The output is
 a diffusers pipeline directory (safetensors) in <output>/base, prompt files world_<task>_<split>.jsonl,
 and train_world.json with the settings and final losses. An existing output is never overwritten.
+A larger base (--layers, --heads) trains in minutes on a GPU (--device cuda); its files stay on CPU.
 """
 import argparse
 import json
@@ -26,6 +27,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10000, help="transformer steps")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--layers", type=int, default=None, help="transformer blocks (default: the world preset's 3)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="attention heads of width 32 (default: the world preset's 3, i.e. width 96)")
+    ap.add_argument("--device", default="cpu", help="where the VAE and transformer train, e.g. cuda")
     ap.add_argument("--force", action="store_true", help="replace an existing <output>/base")
     args = ap.parse_args(argv)
     out = Path(args.output)
@@ -42,16 +47,20 @@ def main(argv=None) -> int:
     records = [r for train, _ in world_records(args.seed).values() for r in train]
     prompts, images = training_images(records, args.per_task, args.imperfect, args.seed)
     print(f"[train_world] {len(records)} training prompts, {len(images)} renderings", file=sys.stderr)
-    pipe = build_random_pipeline("world", args.seed)
+    size = {"num_layers": args.layers} if args.layers else {}
+    if args.heads:  # the text stream's width must equal the image stream's (heads x 32)
+        size.update(num_attention_heads=args.heads, caption_projection_dim=32 * args.heads)
+    pipe = build_random_pipeline("world", args.seed, **size)
     started = time.time()
 
     def bar(name, steps):
         progress = tqdm(total=steps, desc=name, mininterval=5)
         return lambda i, loss: (progress.update(1), progress.set_postfix(loss=f"{loss:.4f}", refresh=False))
 
-    recon = train_vae(pipe.vae, images, args.vae_steps, 32, 2e-3, args.seed, bar("vae", args.vae_steps))
+    recon = train_vae(pipe.vae, images, args.vae_steps, 32, 2e-3, args.seed, bar("vae", args.vae_steps),
+                      device=args.device)
     loss = train_transformer(pipe, prompts, images, args.steps, args.batch_size, args.lr, args.seed,
-                             log=bar("transformer", args.steps))
+                             log=bar("transformer", args.steps), device=args.device)
     tmp = out / ".base.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
@@ -59,7 +68,8 @@ def main(argv=None) -> int:
         shutil.rmtree(out / "base")
     os.replace(tmp, out / "base")
     write_prompt_files(out, args.seed)
-    report = {**vars(args), "training_prompts": len(records), "renderings": len(images),
+    report = {**vars(args), "transformer_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+              "training_prompts": len(records), "renderings": len(images),
               "vae_reconstruction_error_levels": recon, "final_flow_loss": loss,
               "minutes": (time.time() - started) / 60}
     (out / "train_world.json").write_text(json.dumps(report, indent=1))

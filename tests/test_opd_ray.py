@@ -16,12 +16,12 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from safetensors.torch import load_file, save_file
 
 from actors.learner import LearnerGroup, gather_ranks
-from actors.opd_trainer import OPDTrainer
+from actors.opd_trainer import OPDTrainer, micro_groups
 from actors.resources import check_cluster_resources
 from flowopd.checkpoint import CheckpointManager
 from flowopd.config import ConfigError, OPDConfig
 from flowopd.flow import sde_std, sde_step, shifted_sigmas
-from flowopd.learner import Learner
+from flowopd.learner import PER_STATE, Learner, select_states
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
 from pipelines.launch import init_ray
 from pipelines.preflight import preflight
@@ -53,6 +53,15 @@ def test_routing_labels_each_state_with_its_teacher_and_mar(make_config, tiny_as
         prompts = [GENEVAL[0][1], OCR[0], GENEVAL[1][1], OCR[1]]
         tasks = ["geneval", "ocr", "geneval", "ocr"]
         ro = ray.get(tr.workers[0].rollout.remote(1, 0, tr.lora, prompts, [0, 1, 2, 3]))
+        # streamed micro-groups of any samples (here 3 of prompt 1's 4, then the rest) hold the same states
+        groups = [(prompts[1:2], [1], [(0, 0), (0, 1), (0, 2)]), (prompts[1:3], [1, 2], [(0, 3), (1, 0), (1, 1)])]
+        parts = [ray.get(r) for r in tr.workers[0].rollout_stream.options(num_returns="streaming").remote(
+            1, 0, tr.lora_ref, groups, False)]
+        whole = {(ro["prompt_idx"][i], ro["sample_idx"][i] % 4, ro["step_idx"][i]): ro["x"][i] for i in range(len(ro["x"]))}
+        for (_, ids, samples), part in zip(groups, parts):
+            for i in range(len(part["x"])):
+                p, k = samples[part["sample_idx"][i]]
+                np.testing.assert_allclose(part["x"][i], whole[(ids[p], k, part["step_idx"][i])], atol=1e-5)
         v_task, v_mar, _teacher_idx, jobs = tr.label(ro, tasks)
         assert jobs == 2 * 2 + 2  # one call per (teacher, replica), plus MAR over both replicas
         assert len(ro["x"]) == 4 * 4 * 9
@@ -102,21 +111,19 @@ def test_nan_targets_are_skipped_and_counted(make_config, tiny_assets, tmp_path)
     assert all(np.isfinite(v).all() for v in tr.lora.values())
 
 
-@pytest.mark.parametrize("form", ["analytic", "policy_gradient"])
-def test_ddp_ranks_match_single_process(make_config, form):
-    cfg = make_config(**{"learner.micro_batch_size": 5, "learner.lr": 1e-2, "loss.form": form})
+def _random_batches(cfg, n: int = 22, prompts: int = 3, count: int = 3) -> list[dict]:
+    """Learner batches of random states and targets on the tiny model, with x' sampled as a rollout would."""
     rng = np.random.default_rng(0)
-    n, p = 22, 3
     pipe = load_pipeline(cfg.model.base)
-    e, pooled = encode_prompts(pipe, ["a red cube", "a blue ball", 'a sign "ok"'], 16)
+    e, pooled = encode_prompts(pipe, ["a red cube", "a blue ball", 'a sign "ok"'][:prompts], 16)
     ne, npool = encode_prompts(pipe, [""], 16)
     sig = shifted_sigmas(10, 3.0)
     std = sde_std(sig, 0.7)
     base = load_transformer(cfg.model.base)
     batches = []
-    for _ in range(3):
+    for _ in range(count):
         x = torch.as_tensor(rng.standard_normal((n, 4, 8, 8), dtype=np.float32))
-        j, pi = torch.as_tensor(rng.integers(0, 9, n)), torch.as_tensor(rng.integers(0, p, n))
+        j, pi = torch.as_tensor(rng.integers(0, 9, n)), torch.as_tensor(rng.integers(0, prompts, n))
         with torch.no_grad():  # x' sampled from the initial student (= base), as a rollout would
             v = velocity(base, x, sig[j], e[pi], pooled[pi], ne, npool, 4.5)
             x_next, _, logp = sde_step(x, v, sig[j], sig[j + 1], std[j])
@@ -126,24 +133,119 @@ def test_ddp_ranks_match_single_process(make_config, form):
                         "v_mar": rng.standard_normal((n, 4, 8, 8), dtype=np.float32),
                         "embeds": e.numpy(), "pooled": pooled.numpy(), "neg_embeds": ne.numpy(),
                         "neg_pooled": npool.numpy()})
+    return batches
+
+
+def _single_process_weights(cfg, batches) -> dict:
+    single = Learner(cfg, OPDTrainer.make_objective(cfg), world_size=1)
+    for b in batches:
+        single.train_step(b, len(b["x"]))
+    ref = single.lora_state()
+    assert max(np.abs(ref[k]).max() for k in ref if "lora_B" in k) > 1e-3  # the weights moved
+    return ref
+
+
+@pytest.mark.parametrize("form", ["analytic", "policy_gradient"])
+def test_ddp_ranks_match_single_process(make_config, form):
+    cfg = make_config(**{"learner.micro_batch_size": 5, "learner.lr": 1e-2, "loss.form": form})
+    batches = _random_batches(cfg)
     group = LearnerGroup(cfg, OPDTrainer.make_objective(cfg))
     try:
         for b in batches:
             group.train_step(b)
         ranks = group.all_lora_states()
     finally:
-        for r in group.ranks:
-            ray.kill(r)
-        ray.util.remove_placement_group(group.pg)
-    single = Learner(cfg, OPDTrainer.make_objective(cfg), world_size=1)
-    for b in batches:
-        single.train_step(b, n)
-    ref = single.lora_state()
-    moved = max(np.abs(ref[k]).max() for k in ref if "lora_B" in k)
-    assert moved > 1e-3
+        group.shutdown()
+    ref = _single_process_weights(cfg, batches)
     for k in ref:
         assert np.array_equal(ranks[0][k], ranks[1][k]), k
         np.testing.assert_allclose(ranks[0][k], ref[k], atol=2e-5, rtol=1e-4)
+
+
+def test_overlapped_accumulation_matches_the_phased_step(make_config):
+    """Micro-groups sent by reference to 2 ranks (each takes its share) in any arrival order, one `apply`:
+    the same update as one process's step on the whole batch; a state with a non-finite target is left out,
+    as the phased step does."""
+    cfg = make_config(**{"learner.micro_batch_size": 5, "learner.lr": 1e-2})
+    batches = _random_batches(cfg)
+    batches[1]["v_task"][4, 0, 0, 0] = np.nan
+    group = LearnerGroup(cfg, OPDTrainer.make_objective(cfg))
+    try:
+        for b, order in zip(batches, ([0, 1, 2], [2, 0, 1], [1, 2, 0])):
+            bounds = [0, 7, 16, 22]
+            refs = []
+            for g in order:
+                sl = slice(bounds[g], bounds[g + 1])
+                rollout = {k: (v[sl] if k in PER_STATE else v) for k, v in b.items() if k not in ("v_task", "v_mar")}
+                refs += group.accumulate(g, ray.put(rollout), ray.put(b["v_task"][sl]), ray.put(b["v_mar"][sl]))
+            results = ray.get(refs)
+            assert sum(r["nonfinite"] for r in results) == int(not np.isfinite(b["v_task"]).all())
+            group.apply(sum(len(r["step_idx"]) for r in results))
+        ranks = group.all_lora_states()
+    finally:
+        group.shutdown()
+    keep = np.ones(22, bool)
+    keep[4] = False
+    batches[1] = select_states(batches[1], np.nonzero(keep)[0])
+    ref = _single_process_weights(cfg, batches)
+    for k in ref:  # Adam moves an entry with a near-zero gradient by up to lr whatever its float noise: 1% of lr
+        assert np.array_equal(ranks[0][k], ranks[1][k]), k
+        np.testing.assert_allclose(ranks[0][k], ref[k], atol=1e-4, rtol=1e-4)
+
+
+def test_accumulated_gradient_is_the_phased_one_whatever_the_arrival_order(make_config):
+    cfg = make_config(**{"learner.micro_batch_size": 5})
+    (batch,) = _random_batches(cfg, count=1)
+    groups = [select_states(batch, np.arange(lo, hi)) for lo, hi in ((0, 7), (7, 16), (16, 22))]
+
+    def grads(learner):
+        return torch.cat([p.grad.flatten() for p in learner.params]).clone()
+
+    phased = Learner(cfg, OPDTrainer.make_objective(cfg))
+    phased.train_step(batch, 22)
+    runs = []
+    for order in ([0, 1, 2], [2, 1, 0]):
+        learner = Learner(cfg, OPDTrainer.make_objective(cfg))
+        for g in order:
+            learner.accumulate(g, groups[g])
+        learner.apply(22)
+        runs.append((grads(learner), learner.lora_state()))
+    want = grads(phased)  # equal up to float summation order: 1e-6 of the largest entry
+    assert (runs[0][0] - want).abs().max() <= 1e-6 * want.abs().max()
+    assert torch.equal(runs[0][0], runs[1][0])  # group order, not arrival order, fixes the float sums
+    for k, v in runs[0][1].items():
+        assert np.array_equal(v, runs[1][1][k]), k
+
+
+def test_micro_groups_hold_samples_of_one_task_and_share_the_prompts_out_by_task():
+    tasks = ["a", "b", "a", "a", "b", "a", "a"]
+    assert micro_groups(tasks, 2, 3, 2) == [
+        [[(0, 0), (0, 1), (2, 0)], [(2, 1), (3, 0), (3, 1)], [(5, 0), (5, 1)]],
+        [[(6, 0), (6, 1)], [(1, 0), (1, 1), (4, 0)], [(4, 1)]]]
+    assert micro_groups(tasks, 1, 20, 1) == [[[(0, 0), (2, 0), (3, 0), (5, 0), (6, 0)], [(1, 0), (4, 0)]]]
+    assert micro_groups(tasks[:1], 2, 1, 2) == [[[(0, 0)], [(0, 1)]], []]
+
+
+def test_overlapped_and_phased_steps_agree_and_only_the_phased_one_ships_states_through_the_driver(straight_run,
+                                                                                                  tmp_path):
+    cfg, overlapped = straight_run  # overlapped (the default): micro-groups, each split over the 2 ranks
+    phased = cfg.model_copy(update={"output_dir": str(tmp_path), "rollout": cfg.rollout.model_copy(update={"overlap": False}),
+                                    "train": cfg.train.model_copy(update={"steps": 8})})
+    tr = _trainer(phased)
+    try:
+        hist = tr.run(progress=False)
+    finally:
+        tr.shutdown()
+    for mo, mp in zip(overlapped, hist):
+        assert mo["states"] == mp["states"] == 4 * 4 * 9
+        np.testing.assert_allclose([mo["loss"], mo["mar_loss"]], [mp["loss"], mp["mar_loss"]], rtol=1e-5)
+        assert mo["loss_per_task"].keys() == mp["loss_per_task"].keys()
+        assert mo["driver_bytes"] < 0.01 * mo["state_bytes"]
+        assert mp["driver_bytes"] > mp["state_bytes"]  # every state, and every target, came to the driver
+    a = CheckpointManager.load(Path(cfg.output_dir) / "checkpoints" / "step_00000008")
+    b = CheckpointManager.load(tmp_path / "checkpoints" / "step_00000008")
+    for k in a["lora"]:
+        np.testing.assert_allclose(a["lora"][k], b["lora"][k], atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +354,15 @@ class FaultyOPDTrainer(KillingOPDTrainer):
     """Hands the learners targets of the wrong shape while `corrupt` is set: a bug, raised in every rank."""
     corrupt = False
 
-    def learn(self, batch, timer):
-        if self.corrupt:
-            batch = dict(batch, v_task=batch["v_task"][..., :3])
-        return super().learn(batch, timer)
+    def _start(self):
+        super()._start()
+        accumulate = self.learners.accumulate
+
+        def faulty(group, rollout_ref, v_task_ref, v_mar_ref=None):
+            if self.corrupt:
+                v_task_ref = ray.put(np.zeros((1, 3), np.float32))
+            return accumulate(group, rollout_ref, v_task_ref, v_mar_ref)
+        self.learners.accumulate = faulty
 
 
 def test_bugs_end_the_job_and_so_do_failures_past_max(make_config, tmp_path):

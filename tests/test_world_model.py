@@ -64,6 +64,11 @@ def test_train_world_writes_a_loadable_model_and_never_overwrites(tmp_path, caps
     assert report["renderings"] == 9 and report["training_prompts"] > 300
     pipe = load_pipeline(str(out / "base"))
     assert pipe.transformer.config.sample_size == 16 and pipe.vae.config.scaling_factor != 1.5305
+    assert report["transformer_parameters"] == sum(p.numel() for p in pipe.transformer.parameters())
+    bigger = tmp_path / "bigger"
+    assert train_world.main([*args[2:], "--output", str(bigger), "--layers", "4", "--heads", "4"]) == 0
+    config = load_pipeline(str(bigger / "base")).transformer.config
+    assert (config.num_layers, config.num_attention_heads) == (4, 4)
     stamp = (out / "base" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert train_world.main(args) == 2
     assert "--force" in capsys.readouterr().err

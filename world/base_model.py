@@ -64,17 +64,18 @@ def _schedule(opt, steps: int, warmup: int):
 
 
 def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, seed: int,
-              log: Callable[[int, float], None] = lambda i, loss: None) -> float:
+              log: Callable[[int, float], None] = lambda i, loss: None, device: str = "cpu") -> float:
     """L1 reconstruction (ink pixels weigh 10x the white background, or small shapes lose their colour)
     + a small KL, then set shift/scaling so latents have zero mean and unit variance.
-    Returns the final mean absolute reconstruction error in pixel levels (0-255)."""
+    Returns the final mean absolute reconstruction error in pixel levels (0-255). Random draws come from a
+    CPU generator on every device, so where it trains changes a run only by float rounding."""
     g = torch.Generator().manual_seed(seed)
-    pixels = to_pixels(images)
-    vae.train().requires_grad_(True)
+    pixels = to_pixels(images).to(device)
+    vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps, warmup=max(1, steps // 20))
     for i in range(steps):
-        x = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
+        x = pixels[torch.randint(len(pixels), (batch_size,), generator=g).to(device)]
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample(generator=g)).sample
         ink = 1 + 9 * (x < 0.95).any(1, keepdim=True).float()
@@ -89,37 +90,40 @@ def train_vae(vae, images: np.ndarray, steps: int, batch_size: int, lr: float, s
         z = torch.cat([vae.encode(pixels[j:j + 256]).latent_dist.mode() for j in range(0, len(pixels), 256)])
         vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
         recon = torch.cat([vae.decode(z[j:j + 256]).sample for j in range(0, min(len(z), 1024), 256)])
-    return float((recon.clamp(-1, 1) - pixels[:len(recon)]).abs().mean() * 127.5)
+    error = float((recon.clamp(-1, 1) - pixels[:len(recon)]).abs().mean() * 127.5)
+    vae.to("cpu")
+    return error
 
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
-    pixels = to_pixels(images)
+    pixels = to_pixels(images).to(vae.device)
     z = torch.cat([vae.encode(pixels[j:j + 256]).latent_dist.mode() for j in range(0, len(pixels), 256)])
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
 
 def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, batch_size: int, lr: float,
                       seed: int, cond_dropout: float = 0.1,
-                      log: Callable[[int, float], None] = lambda i, loss: None) -> float:
+                      log: Callable[[int, float], None] = lambda i, loss: None, device: str = "cpu") -> float:
     """Rectified flow: x_s = (1 - s) x0 + s eps, target eps - x0, s = sigmoid(N(0, 1)) as in SD3.
     Returns the mean loss over the last tenth of the steps."""
     g = torch.Generator().manual_seed(seed)
-    latents = encode_latents(pipe.vae, images)
+    latents = encode_latents(pipe.vae, images).to(device)
     unique = sorted(set(prompts)) + [""]
-    embeds, pooled = encode_prompts(pipe, unique, MAX_SEQUENCE_LENGTH)
+    embeds, pooled = (t.to(device) for t in encode_prompts(pipe, unique, MAX_SEQUENCE_LENGTH))
     index = {p: i for i, p in enumerate(unique)}
     prompt_ids = torch.tensor([index[p] for p in prompts])
-    model = pipe.transformer.train().requires_grad_(True)
+    model = pipe.transformer.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps, warmup=max(1, steps // 20))
     tail = []
     for i in range(steps):
         idx = torch.randint(len(latents), (batch_size,), generator=g)
-        x0, ids = latents[idx], prompt_ids[idx].clone()
+        ids = prompt_ids[idx].clone()
         ids[torch.rand(batch_size, generator=g) < cond_dropout] = len(unique) - 1
-        noise = torch.randn(x0.shape, generator=g)
-        s = torch.sigmoid(torch.randn(batch_size, generator=g)).view(-1, 1, 1, 1)
+        x0, ids = latents[idx.to(device)], ids.to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        s = torch.sigmoid(torch.randn(batch_size, generator=g)).view(-1, 1, 1, 1).to(device)
         v = model(hidden_states=(1 - s) * x0 + s * noise, timestep=s.flatten() * 1000,
                   encoder_hidden_states=embeds[ids], pooled_projections=pooled[ids], return_dict=False)[0]
         loss = ((v - (noise - x0)) ** 2).mean()
@@ -131,5 +135,5 @@ def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, 
         log(i, loss.item())
         if i >= steps - max(1, steps // 10):
             tail.append(loss.item())
-    model.eval().requires_grad_(False)
+    model.to("cpu").eval().requires_grad_(False)
     return float(np.mean(tail))
