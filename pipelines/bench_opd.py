@@ -122,7 +122,7 @@ def sim_assets(root: Path, **transformer_config) -> Path:
 
 
 def set_simulation(base: Path, **values) -> None:
-    """Write run settings (time_scale, run_dir) into the simulated transformer's config before actors load it."""
+    """Write run settings (time_scale, run_dir) into the simulated transformer's config (actors load it)."""
     path = base / "transformer" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **values}, indent=2))
 
@@ -163,7 +163,7 @@ def role_work(cfg, latency: dict, time_scale: float = 1.0) -> dict[str, float]:
     both); "learner" runs forward and backward on every trained state. CFG doubles a call's batch. The
     analytic loss calls nothing else (no reference forward); compiled batch padding is not counted."""
     from flowopd.rollout import sde_schedule
-    sc, lat = cfg.sampling, latency["compiled" if getattr(cfg.model, "compile", False) else "eager"]
+    sc, lat = cfg.sampling, latency["compiled" if cfg.model.compile else "eager"]
     states = cfg.data.group_size * len(sde_schedule(sc.num_steps, sc, cfg.seed, 1)[1])
 
     def cfg_batch(guidance):
@@ -214,7 +214,7 @@ def chain_bound(cfg, roles: dict[str, int], work: dict[str, float]) -> float:
     start, plus its busiest actor's share in whole micro-groups, plus the least work that must follow it."""
     prompts, (r, t, lo) = cfg.data.prompts_per_step, (roles["rollout"], roles["pools"], roles["learner"])
     per_worker = math.ceil(prompts / r)
-    if not getattr(cfg.rollout, "overlap", False):
+    if not cfg.rollout.overlap:
         return per_worker * work["rollout"] + prompts * work["pools"] / t + prompts * work["learner"] / lo
     size = min(cfg.rollout.micro_group_samples(), per_worker * cfg.data.group_size) / cfg.data.group_size
     groups, labels = r * math.ceil(per_worker / size), 2 if work["mar"] else 1  # size: prompts' worth
@@ -275,14 +275,13 @@ def run_sim(gpus: int, placement: str, args, assets: Path, out: Path) -> dict:
     from actors.resources import check_cluster_resources
     from flowopd.simulated import LATENCY
     colocated = placement == "colocated"
+    overrides = [*(["model.compile=true"] if args.compiled else []), *args.overrides]
     probe = OPDConfig.model_validate(apply_overrides(
-        sim_config(assets, out, {"rollout": 1, "pools": 1, "learner": 1}, False, 1, args.steps),
-        [*(["model.compile=true"] if args.compiled else []), *args.overrides]))
+        sim_config(assets, out, {"rollout": 1, "pools": 1, "learner": 1}, False, 1, args.steps), overrides))
     work = role_work(probe, LATENCY, args.time_scale)
     roles = {k: gpus for k in ("rollout", "pools", "learner")} if colocated else size_roles(gpus, work)
     raw = sim_config(assets, out, roles, colocated, args.prompts_per_worker, args.steps)
-    cfg = OPDConfig.model_validate(apply_overrides(raw, [*(["model.compile=true"] if args.compiled else []),
-                                                         *args.overrides]))
+    cfg = OPDConfig.model_validate(apply_overrides(raw, overrides))
     roles = {"rollout": cfg.rollout.workers, "pools": cfg.pools["default"].replicas, "learner": cfg.learner.ranks}
     prompts = cfg.data.prompts_per_step
     row = {"gpus": gpus, "placement": placement, "roles": roles, "prompts_per_step": prompts,
@@ -314,6 +313,7 @@ def run_sim(gpus: int, placement: str, args, assets: Path, out: Path) -> dict:
             trainer.shutdown()
     finally:
         ray.shutdown()
+        set_simulation(assets / "base", time_scale=1.0, run_dir=None)  # the model directory outlives the run
     steady = history[1:] or history
     step = statistics.fmean(m["time"]["total"] for m in steady)
     usage = gpu_usage(run_dir)
@@ -329,8 +329,7 @@ def run_sim(gpus: int, placement: str, args, assets: Path, out: Path) -> dict:
             "states_per_s_per_gpu": steady[0]["states"] / step / gpus,
             "driver_bytes": mean_of("driver_bytes"), "state_bytes": mean_of("state_bytes"),
             "processes_per_gpu": sorted(u["processes"] for u in usage.values()), "cpu_utilisation": cpu,
-            "actor_memory_gb": uss,
-            "overlap": getattr(cfg.rollout, "overlap", None)}
+            "actor_memory_gb": uss, "overlap": cfg.rollout.overlap}
 
 
 def actor_memory_gb(trainer) -> dict[str, float]:
@@ -372,6 +371,7 @@ HEADER = (f"{'gpus':>4} {'placement':<14}{'R/T/L':>9}{'P':>4}{'step s':>8}{'busi
 
 
 def bench_sim(args) -> int:
+    """Every configuration of --gpus x --placement, one row each (bench.json is rewritten after each)."""
     default = "runs/bench_sim_assets" + ("" if args.width == 1536 else f"_w{args.width}")
     assets = sim_assets(Path(args.assets or default), width=args.width)
     out = Path(args.out)
