@@ -116,9 +116,6 @@ class LearnerGroup:
         """End the step: one synchronised optimizer step from the micro-groups accumulated on every rank."""
         return gather_ranks([r.apply.remote(total_states) for r in self.ranks])
 
-    def lora_state(self) -> dict:
-        return ray.get(self.lora_state_ref())
-
     def lora_state_ref(self) -> "ray.ObjectRef":
         """The student's weights as an object reference: rollout workers fetch them from rank 0 directly."""
         return self.ranks[0].lora_state.remote()
