@@ -36,7 +36,7 @@ def actor_death(err: Exception) -> RayActorError | None:
 class Trainer(ABC):
     """Subclasses start their own services (teachers, rewards) and implement `train_step`.
 
-    When an actor dies during `run` (beyond Ray's own restarts), every actor is restarted and the job
+    When an actor dies during `run` (beyond Ray's own restarts), what it takes down is restarted and the job
     continues from its newest checkpoint, up to `train.max_failures` times; see `_recover`.
     """
 
@@ -58,24 +58,56 @@ class Trainer(ABC):
         self._start()
 
     def _start(self) -> None:
-        """Start every actor and set the state of step 0: at start-up, and again after an actor died (the
-        newest checkpoint, if any, is loaded on top). Fresh learners from the same seed hold the same
-        initial weights, so a job restarted before its first checkpoint repeats step 1 exactly."""
-        cfg, rc = self.cfg, self.cfg.rollout
+        """Start every actor and set the state of step 0: at start-up, and again after an actor died before the
+        first checkpoint (the newest checkpoint, if any, is loaded on top). Fresh learners from the same seed
+        hold the same initial weights, so a job restarted before its first checkpoint repeats step 1 exactly."""
+        cfg = self.cfg
         self.sampler = MixtureSampler(self.sources, [s.weight for s in cfg.data.sources], cfg.seed, cfg.data.mixing)
-        services = self.start_services()
-        self.services = [a for actors in services.values() for a in actors]
-        self.workers = [ray.remote(RolloutWorker).options(
-            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, resources=rc.resources or None).remote(cfg)
-            for _ in range(rc.workers if self.uses_rollouts else 0)]
+        self._start_services()
+        self.workers = [self._new_worker() for _ in range(cfg.rollout.workers if self.uses_rollouts else 0)]
         self.learners = LearnerGroup(cfg, self.make_objective(cfg))
-        groups = {**services, "rollout worker": self.workers, "learner rank": self.learners.ranks}
-        self.roles = {a._actor_id.hex(): role for role, actors in groups.items() for a in actors}
-        ray.get([a.ping.remote() for a in self.services + self.workers])
+        self._ready(self.services + self.workers)
         self.step_done = 0
         self.bytes_in = 0
         self.sync_weights()
         self._step_end = None
+
+    def _start_services(self) -> None:
+        self._services = self.start_services()
+        self.services = [a for actors in self._services.values() for a in actors]
+
+    def _new_worker(self):
+        rc = self.cfg.rollout
+        return ray.remote(RolloutWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+                                                 resources=rc.resources or None).remote(self.cfg)
+
+    def _ready(self, actors: list) -> None:
+        """Name every actor's role (what recovery events report) and wait until `actors` answer."""
+        groups = {**self._services, "rollout worker": self.workers, "learner rank": self.learners.ranks}
+        self.roles = {a._actor_id.hex(): role for role, members in groups.items() for a in members}
+        ray.get([a.ping.remote() for a in actors])
+
+    def _restart(self, actor_id: str) -> str:
+        """Replace what the dead actor takes down with it, leaving every other actor running: the worker
+        itself, the whole learner group (its collective group is broken) or the job's services. Returns
+        what was restarted."""
+        role = self.roles[actor_id]
+        if role == "rollout worker":
+            i = next(i for i, w in enumerate(self.workers) if w._actor_id.hex() == actor_id)
+            ray.kill(self.workers[i])
+            self.workers[i] = self._new_worker()
+            self._ready([self.workers[i]])
+            return "that rollout worker"
+        if role == "learner rank":
+            self.learners.shutdown()
+            self.learners = LearnerGroup(self.cfg, self.make_objective(self.cfg))
+            self._ready([])
+            return "the learner group"
+        for actor in self.services:
+            ray.kill(actor)
+        self._start_services()
+        self._ready(self.services)
+        return "the " + " and ".join(f"{role} actors" for role, members in self._services.items() if members)
 
     @property
     def lora(self) -> dict:
@@ -196,10 +228,11 @@ class Trainer(ABC):
         return history
 
     def _recover(self, err: Exception, failures: int) -> int:
-        """After an actor died: restart every actor, as a new job does, and load the newest checkpoint (or the
-        initial state when there is none yet), so the job goes on as an uninterrupted one would. Each death,
-        including one while restarting, counts towards `train.max_failures`; past it, or for an error that is
-        no crash (see `actor_death`), `err` is raised. Returns the failures so far."""
+        """After an actor died: restart what it took down (see `_restart`; every actor when there is no
+        checkpoint yet, as a new job starts) and load the newest checkpoint, so the job goes on as an
+        uninterrupted one would. Each death, including one while restarting, counts towards
+        `train.max_failures`; past it, or for an error that is no crash (see `actor_death`), `err` is raised.
+        Returns the failures so far."""
         steps_done = self.step_done
         while True:
             died = actor_death(err)
@@ -218,16 +251,20 @@ class Trainer(ABC):
                           event["role"], event["steps_done"], event["error"], failures, self.cfg.train.max_failures)
                 raise err
             try:
-                self.shutdown()
-                self._start()
+                if died.actor_id in self.roles and self.ckpt.latest() is not None:
+                    restarted = self._restart(died.actor_id)
+                else:
+                    self.shutdown()
+                    self._start()
+                    restarted = "every actor"
                 self.resume()
             except (RayActorError, RewardActorDied) as again:
                 err = again
                 continue
-            self._log_event({"event": "recovered", "step": self.step_done, **event})
-            log.warning("%s died after step %d (%s); restarted every actor and resumed from step %d "
-                        "(failure %d of at most %d)", event["role"], event["steps_done"], event["error"],
-                        self.step_done, failures, self.cfg.train.max_failures)
+            self._log_event({"event": "recovered", "step": self.step_done, "restarted": restarted, **event})
+            log.warning("%s died after step %d (%s); restarted %s and resumed from step %d (failure %d of at "
+                        "most %d)", event["role"], event["steps_done"], event["error"], restarted, self.step_done,
+                        failures, self.cfg.train.max_failures)
             return failures
 
     def _log_event(self, event: dict) -> None:

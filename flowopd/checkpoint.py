@@ -15,6 +15,11 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.json"
+STUDENT_DIR = "student"  # the trained adapter inside a checkpoint: a plain peft adapter directory
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,10 +78,10 @@ class CheckpointManager:
              extra_adapters: dict | None = None) -> Path:
         """extra_adapters: further LoRA states of the same shape (e.g. an EMA), saved as sibling adapters."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".tmp-step_{step:08d}-{os.getpid()}"
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(tmp / "student", lora, lora_cfg)
+        save_adapter(tmp / STUDENT_DIR, lora, lora_cfg)
         for name, state in (extra_adapters or {}).items():
             save_adapter(tmp / name, state, lora_cfg)
         tensors, meta = _flatten_optimizer(optimizer)
@@ -116,7 +121,7 @@ class CheckpointManager:
     def load(path: Path) -> dict:
         adapters = {d.name: {k: v.numpy() for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
                     for d in path.iterdir() if (d / "adapter_model.safetensors").exists()}
-        lora = adapters.pop("student")
+        lora = adapters.pop(STUDENT_DIR)
         optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                          json.loads((path / "optimizer.json").read_text()))
         return {"lora": lora, "optimizer": optimizer, "extra": adapters,

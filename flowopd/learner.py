@@ -153,7 +153,9 @@ class Learner:
         return {k: v.numpy() for k, v in lora_state(self.model).items()}
 
     def load_lora_state(self, state: dict) -> None:
+        """New weights start a new step: micro-groups accumulated for an abandoned one are dropped."""
         load_lora_state(self.model, state)
+        self._pending.clear()
 
     def optimizer_state(self) -> dict:
         return self.opt.state_dict()

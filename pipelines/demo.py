@@ -45,7 +45,7 @@ from pipelines.report import (
 log = logging.getLogger("demo")
 SHIPPED_STAGE1 = "assets/world/stage1"
 STAGE1_CONFIG = "configs/world_stage1.yaml"
-ROWS = ("base", "grpo_mix", "cascade", "cold_start", *OPD_STAGES)  # teachers go after base
+ROWS = ("base", "grpo_mix", "cascade", "cold_start", "sft", *OPD_STAGES)  # teachers go after base
 REACHES = 0.95  # "reaches the teacher": at least this fraction of the teacher's score on its own task
 
 
@@ -89,10 +89,27 @@ def stage_times(recipe: Recipe, minutes: float) -> str:
             f"skipped).")
 
 
+def stage1_manifest(recipe: Recipe) -> Path:
+    """Where the stage-1 job published the manifest of the teachers this recipe uses."""
+    return Path(recipe.teacher_adapter(next(iter(recipe.teachers)))).parent / "manifest.json"
+
+
+def stage1_samples(recipe: Recipe) -> dict[str, int]:
+    """Training samples behind each teacher and RL baseline: what this recipe's stages spend for the ones it
+    trains, the stage-1 manifest for the ones it is given."""
+    path = stage1_manifest(recipe)
+    out = {n: m["samples"] for n, m in json.loads(path.read_text())["models"].items()} if path.exists() else {}
+    trained = {n: [f"teachers/{n}"] for n in recipe.teachers} | {"grpo_mix": ["grpo_mix"],
+                                                                  "cascade": recipe.cascade_stages()}
+    for name, stages in trained.items():
+        if stages and all(s in recipe.stages for s in stages):
+            out[name] = sum(recipe.samples(s) for s in stages)
+    return out
+
+
 def stage1_budgets(recipe: Recipe) -> list[str]:
     """Samples behind each stage-1 model, from the manifest next to the teachers it uses."""
-    adapter = Path(recipe.teacher_adapter(next(iter(recipe.teachers))))
-    path = adapter.parent / "manifest.json"
+    path = stage1_manifest(recipe)
     if not path.exists():
         return []
     models = json.loads(path.read_text())["models"]
@@ -131,8 +148,13 @@ def write_report(recipe: Recipe, minutes: float) -> Path:
     return rep / "report.md"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv, doc: str, additions=None, extra_report=None, add_arguments=None) -> int:
+    """The demo's command line and run. `add_arguments(parser)` adds flags; `additions(raw, args)` changes the
+    recipe before the command line's key=value overrides; `extra_report(recipe, report_path)` writes more of
+    the report afterwards."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_arguments:
+        add_arguments(ap)
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--quick", action="store_true", help="2 steps per training stage, a small evaluation")
     ap.add_argument("--retrain-stage1", action="store_true",
@@ -147,6 +169,7 @@ def main(argv=None) -> int:
         def edit(raw):
             nonlocal published
             raw = shorten(raw, 2) if args.quick else raw
+            raw = additions(raw, args) if additions else raw
             if not args.retrain_stage1:
                 return raw
             out = apply_overrides(copy.deepcopy(raw), args.overrides).get("output_dir", "runs/demo")
@@ -176,9 +199,15 @@ def main(argv=None) -> int:
     recipe.out.mkdir(parents=True, exist_ok=True)
     recipe.run(progress=not args.no_progress)
     report = write_report(recipe, (time.time() - started) / 60)
+    if extra_report:
+        extra_report(recipe, report)
     print(report.read_text())
     log.info("report: %s", report)
     return 0
+
+
+def main(argv=None) -> int:
+    return run(argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ from pipelines.preflight import preflight, read_sources
 
 log = logging.getLogger("recipe")
 STAGE_KEYS = ("defaults", "teachers", "grpo_mix", "cascade", "cold_start", "opd", "opd_without_mar", "diffusionopd",
-              "evaluate")
+              "sft", "curves", "evaluate")
 OPD_STAGES = ("opd_without_mar", "diffusionopd", "opd")  # the students, in the order reports list them
+STUDENTS = ("sft", *OPD_STAGES)  # every student stage: SFT on teacher samples, then the OPD variants
+CURVE_STAGES = ("grpo_mix", *OPD_STAGES)  # stages whose checkpoints `curves: true` evaluates
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -127,6 +129,8 @@ class Recipe:
         if self.raw.get("opd"):
             cs = copy.deepcopy(self.raw.get("cold_start") or {"method": "merge"})
             cs.setdefault("teachers", {n: {"adapter": self.teacher_adapter(n)} for n in self._task_teachers()})
+            if cs.get("method") == "sft":  # each task's teacher samples its own prompts, as OPD routes them
+                cs.setdefault("route", self.raw["opd"].get("route", {}))
             stages["cold_start"] = self._job("cold_start", ColdStartConfig, cs)
             opd = copy.deepcopy(self.raw["opd"])
             opd.setdefault("teachers", {})
@@ -142,8 +146,13 @@ class Recipe:
                 extra = self.raw["diffusionopd"]
                 stages["diffusionopd"] = self._job("diffusionopd", OPDConfig,
                                                    deep_merge(dopd, extra) if isinstance(extra, dict) else dopd)
-        elif any(self.raw.get(k) for k in ("cold_start", "opd_without_mar", "diffusionopd")):
-            raise ConfigError("cold_start / opd_without_mar / diffusionopd: these need an `opd:` section")
+            if self.raw.get("sft"):  # true, or a mapping of changes to the SFT stage
+                sft = {"method": "sft", "route": dict(stages["opd"].route),
+                       "teachers": {n: {"adapter": self.teacher_adapter(n)} for n in self._task_teachers()}}
+                extra = self.raw["sft"]
+                stages["sft"] = self._job("sft", ColdStartConfig, deep_merge(sft, extra) if isinstance(extra, dict) else sft)
+        elif any(self.raw.get(k) for k in ("cold_start", "opd_without_mar", "diffusionopd", "sft")):
+            raise ConfigError("cold_start / opd_without_mar / diffusionopd / sft: these need an `opd:` section")
         stages["evaluate"] = self._job("evaluate", EvalConfig,
                                        deep_merge(self.raw.get("evaluate") or {}, {"models": self._eval_models(stages)}),
                                        keep=("seed", "model", "rollout", "logger"))
@@ -167,16 +176,44 @@ class Recipe:
             cs = stages["cold_start"]
             kind = "transformer" if "base" in self._student_start(cs) else "adapter"
             models["cold_start"] = {kind: cs.output_path()}
-        for name in OPD_STAGES:
+        for name in STUDENTS:
             if name in stages:
                 models[name] = {"adapter": str(self.out / name / "adapter")}
+        for name, step in self.curve_points(stages):
+            models[f"{name}@{step}"] = {"adapter": str(self.checkpoint_adapter(name, step, stages))}
         return models
+
+    def curve_points(self, stages=None) -> list[tuple[str, int]]:
+        """With `curves: true`, the (stage, step) of every checkpoint before the last one of GRPO-Mix (when
+        trained here) and of each OPD stage, evaluated too so that a report can draw reward against samples."""
+        stages = self.stages if stages is None else stages
+        if not self.raw.get("curves"):
+            return []
+        points = []
+        for name in CURVE_STAGES:
+            if name in stages:
+                train = stages[name].train
+                steps = list(range(train.checkpoint_every, train.steps, train.checkpoint_every))
+                if len(steps) + 1 > train.keep_checkpoints:
+                    raise ConfigError(f"{name}.train.keep_checkpoints: curves need all {len(steps) + 1} checkpoints "
+                                      f"of the stage kept (got {train.keep_checkpoints})")
+                points += [(name, k) for k in steps]
+        return points
+
+    def checkpoint_adapter(self, stage: str, step: int, stages=None) -> Path:
+        """The adapter a stage would export had it stopped at `step`: its EMA when it keeps one, else the student."""
+        from flowopd.checkpoint import STUDENT_DIR, step_dir_name
+        cfg = (self.stages if stages is None else stages)[stage]
+        ema = isinstance(cfg, GRPOConfig) and cfg.grpo.ema_decay
+        return self.out / stage / "checkpoints" / step_dir_name(step) / ("ema" if ema else STUDENT_DIR)
 
     def samples(self, stage: str) -> int:
         """Training samples a stage spends (0 for stages that do not sample rollouts)."""
         cfg = self.stages[stage]
         if isinstance(cfg, (GRPOConfig, OPDConfig)):
             return cfg.train.steps * cfg.data.prompts_per_step * cfg.data.group_size
+        if isinstance(cfg, ColdStartConfig) and cfg.method == "sft":  # the teachers' images it learns from
+            return cfg.sft.samples_per_prompt * sum(len(recs) for recs in read_sources(cfg.data.sources))
         return 0
 
     def done(self, stage: str) -> bool:
@@ -200,7 +237,9 @@ class Recipe:
         total = sum(self.samples(st) for st in self.stages if not self.done(st)) or 1
         spent, started_all = 0, time.time()
         for stage, cfg in self.stages.items():
-            if self.done(stage):
+            if self.done(stage) and isinstance(cfg, EvalConfig) and self._models_changed(stage, cfg):
+                log.info("%s: the recipe's models changed since it ran; evaluating again", stage)
+            elif self.done(stage):
                 log.info("%s: finished earlier, skipped", stage)
                 continue
             log.info("%s: running", stage)
@@ -215,24 +254,36 @@ class Recipe:
                      100 * spent // total, eta)
         return json.loads((self.out / "evaluate" / "summary.json").read_text())
 
+    def _models_changed(self, stage: str, cfg: EvalConfig) -> bool:
+        recorded = json.loads((self.out / stage / "DONE.json").read_text()).get("models")
+        return recorded is not None and recorded != _model_specs(cfg)
+
     def run_stage(self, stage: str, cfg, progress: bool) -> dict:
         from actors.grpo_trainer import GRPOTrainer
         from actors.opd_trainer import OPDTrainer
         from actors.resources import check_cluster_resources
         if isinstance(cfg, EvalConfig):
             check_cluster_resources(cfg)
-            return {"summary": evaluate(cfg, preflight_eval(cfg))}
+            return {"summary": evaluate(cfg, preflight_eval(cfg)), "models": _model_specs(cfg)}
         if isinstance(cfg, ColdStartConfig):
             out = Path(cfg.output_path())
             if out.exists():  # written atomically: it is complete, only DONE.json was not
                 return {"output": str(out)}
-            return run_merge(cfg)
+            if cfg.method == "merge":
+                return run_merge(cfg)
+        from actors.sft_trainer import SFTTrainer
         sources = preflight(cfg)
         check_cluster_resources(cfg)
-        trainer = GRPOTrainer if isinstance(cfg, GRPOConfig) else OPDTrainer
-        dest = cfg.export_dir if isinstance(cfg, GRPOConfig) else None
+        trainer = {GRPOConfig: GRPOTrainer, OPDConfig: OPDTrainer, ColdStartConfig: SFTTrainer}[type(cfg)]
+        dest = (cfg.export_dir if isinstance(cfg, GRPOConfig)
+                else cfg.output_path() if isinstance(cfg, ColdStartConfig) else None)
         return train(cfg, sources, trainer, resume=True, progress=progress,
                      finish=lambda tr: export_adapter(tr, dest))
+
+
+def _model_specs(cfg: EvalConfig) -> dict:
+    """What an evaluation stage evaluated: a later run with other models evaluates again."""
+    return {name: m.model_dump(mode="json") for name, m in cfg.models.items()}
 
 
 def shorten(raw: dict, steps: int) -> dict:

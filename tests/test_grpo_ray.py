@@ -131,7 +131,7 @@ def test_grpo_raises_reward_exports_a_teacher_and_evaluates(tiny_assets, tmp_pat
 
     # the exported adapter is a valid OPD teacher
     opd = tiny_config_dict(tiny_assets, tmp_path / "opd", **{"teachers.geneval_teacher": {"adapter": str(adapter)},
-                                                             "train.steps": 2})
+                                                             "train.steps": 1, "rollout.workers": 1, "learner.ranks": 1})
     (tmp_path / "opd.yaml").write_text(yaml.safe_dump(opd))
     assert opd_main(["--config", str(tmp_path / "opd.yaml"), "--no-progress"]) == 0
 

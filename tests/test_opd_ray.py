@@ -99,7 +99,7 @@ def test_nan_targets_are_skipped_and_counted(make_config, tiny_assets, tmp_path)
     weights = {k: (torch.full_like(v, float("nan")) if "lora_B" in k else v) for k, v in weights.items()}
     save_file(weights, str(poisoned / "adapter_model.safetensors"))
     cfg = make_config(**{"teachers.ocr_teacher": {"adapter": str(poisoned)}, "train.steps": 2,
-                         "data.prompts_per_step": 6})
+                         "data.prompts_per_step": 6, "rollout.workers": 1})
     tr = _trainer(cfg)
     try:
         hist = tr.run(progress=False)
@@ -159,7 +159,8 @@ def test_ddp_ranks_match_single_process(make_config, form):
     ref = _single_process_weights(cfg, batches)
     for k in ref:
         assert np.array_equal(ranks[0][k], ranks[1][k]), k
-        np.testing.assert_allclose(ranks[0][k], ref[k], atol=2e-5, rtol=1e-4)
+        # within 1% of one AdamW step (lr): summation order moves elements whose gradient is near 0 that much
+        np.testing.assert_allclose(ranks[0][k], ref[k], atol=1e-2 * cfg.learner.lr, rtol=1e-4)
 
 
 def test_overlapped_accumulation_matches_the_phased_step(make_config):
@@ -322,7 +323,8 @@ def _events(out: Path) -> list[dict]:
 
 def test_killed_actors_are_rebuilt_and_the_run_stays_bit_identical(straight_run, tiny_assets, tmp_path, caplog):
     """A rollout worker, a learner rank and a teacher replica (no Ray restarts left) each die by SIGKILL; the
-    job restarts its actors from the newest checkpoint each time and ends exactly where an undisturbed one does."""
+    job restarts what died and resumes from the newest checkpoint each time, and ends exactly where an
+    undisturbed one does."""
     cfg, straight = straight_run
     cfg_k = OPDConfig.model_validate(tiny_config_dict(
         tiny_assets, tmp_path, **{"train.steps": 16, "train.checkpoint_every": 4, "pools.default.max_restarts": 0}))
@@ -346,6 +348,8 @@ def test_killed_actors_are_rebuilt_and_the_run_stays_bit_identical(straight_run,
     assert [(e["event"], e["steps_done"], e["step"], e["failures"], e["role"]) for e in events] == [
         ("recovered", 5, 4, 1, "rollout worker"), ("recovered", 9, 8, 2, "learner rank"),
         ("recovered", 12, 12, 3, "teacher replica")]
+    # only what died is replaced: the worker alone, the learners' whole collective group, the services
+    assert [e["restarted"] for e in events] == ["that rollout worker", "the learner group", "the teacher replica actors"]
     assert all(e["error"].startswith("ActorDiedError: ") for e in events)
     assert len([r for r in caplog.records if r.name == "train" and "resumed from step" in r.message]) == 3
 

@@ -34,6 +34,20 @@ def test_recipe_config_errors_name_the_stage(tiny_assets, tmp_path):
         Recipe(bad)
     with pytest.raises(ConfigError, match="unknown keys"):
         Recipe(dict(raw, stage_zero=1))
+    # curves: every OPD checkpoint before the last is evaluated too, so all of them must be kept
+    recipe = Recipe(dict(raw, curves=True, sft=True, opd=dict(raw["opd"], train={"steps": 6, "checkpoint_every": 2})))
+    models = recipe.stages["evaluate"].models
+    assert recipe.curve_points() == [("opd", 2), ("opd", 4)]
+    assert models["opd@4"].adapter == str(tmp_path / "opd" / "checkpoints" / "step_00000004" / "student")
+    assert models["sft"].adapter == str(tmp_path / "sft" / "adapter")
+    assert recipe.stages["sft"].route == recipe.stages["opd"].route and recipe.stages["sft"].method == "sft"
+    sft_start = Recipe(dict(raw, cold_start={"method": "sft"}))  # the OPD student starts from the SFT adapter
+    assert sft_start.stages["cold_start"].route == raw["opd"]["route"]
+    assert sft_start.stages["opd"].student.init_adapter == str(tmp_path / "cold_start" / "adapter")
+    with pytest.raises(ConfigError, match="opd.train.keep_checkpoints: curves need all 4"):
+        Recipe(dict(raw, curves=True, opd=dict(raw["opd"], train={"steps": 8, "checkpoint_every": 2})))
+    with pytest.raises(ConfigError, match="sft: these need an `opd:` section"):
+        Recipe({k: v for k, v in raw.items() if k not in ("opd", "opd_without_mar")} | {"sft": True})
 
 
 def test_recipe_resumes_after_a_kill_during_opd(tiny_assets, tmp_path):
