@@ -3,7 +3,7 @@ learn over the trained steps -> weight sync; Flow-GRPO's EMA of the LoRA weights
 
 import numpy as np
 
-from flowopd.flow import shifted_sigmas
+from flowopd.flow import schedule_sigmas
 from flowopd.grpo import ema_update, group_advantages, informative_groups
 from flowopd.learner import select_states
 from flowopd.objectives import FlowGRPO
@@ -19,7 +19,7 @@ class GRPOTrainer(Trainer):
     @staticmethod
     def make_objective(cfg) -> FlowGRPO:
         sc, g = cfg.sampling, cfg.grpo
-        return FlowGRPO(shifted_sigmas(sc.num_steps, sc.shift), sc.noise_level, g.clip_range, g.beta, sc.guidance,
+        return FlowGRPO(schedule_sigmas(sc.num_steps, sc.shift, sc.timesteps), sc.noise_level, g.clip_range, g.beta, sc.guidance,
                         g.detach_uncond)
 
     def start_services(self) -> dict[str, list]:

@@ -24,6 +24,9 @@ class LearnerRank:
     def pid(self) -> int:
         return os.getpid()
 
+    def ping(self) -> int:
+        return self.rank
+
     def master_address(self) -> tuple[str, int]:
         addr = ray.util.get_node_ip_address()
         with socket.socket() as s:
@@ -63,6 +66,9 @@ class LearnerRank:
     def apply(self, total_states: int) -> dict:
         return {"grad_norm": float(self.learner.apply(total_states))}
 
+    def predict(self, batch: dict) -> np.ndarray:
+        return self.learner.predict(batch)
+
     def lora_state(self) -> dict:
         return self.learner.lora_state()
 
@@ -84,7 +90,7 @@ class LearnerGroup:
         bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {}), **lc.resources}
         self.pg = placement_group([bundle] * lc.ranks, strategy="PACK")
         cls = ray.remote(LearnerRank)
-        self.ranks = []
+        self.ranks, self._next = [], 0
         try:  # a group that fails to start leaves nothing behind (a restarting job builds a new one)
             ray.get(self.pg.ready())
             self.ranks = [cls.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources=lc.resources or None,
@@ -115,6 +121,13 @@ class LearnerGroup:
     def apply(self, total_states: int) -> list[dict]:
         """End the step: one synchronised optimizer step from the micro-groups accumulated on every rank."""
         return gather_ranks([r.apply.remote(total_states) for r in self.ranks])
+
+    def predict(self, batch) -> "ray.ObjectRef":
+        """The trained model's velocity at the states of `batch` (a dict or its reference), on the next rank in
+        turn (every rank holds the same weights); returns the reference."""
+        rank = self.ranks[self._next % len(self.ranks)]
+        self._next += 1
+        return rank.predict.remote(batch)
 
     def lora_state_ref(self) -> "ray.ObjectRef":
         """The student's weights as an object reference: rollout workers fetch them from rank 0 directly."""

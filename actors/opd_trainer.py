@@ -9,7 +9,7 @@ from collections import deque
 import numpy as np
 import ray
 
-from flowopd.flow import shifted_sigmas
+from flowopd.flow import schedule_sigmas
 from flowopd.learner import payload_bytes, select_states
 from flowopd.objectives import AnalyticOPD, PolicyGradientOPD
 
@@ -27,7 +27,7 @@ class OPDTrainer(Trainer):
         sc, loss = cfg.sampling, cfg.loss
         kw = {"exact": loss.kl_weighting == "exact", "mar_weight": cfg.mar.weight if cfg.mar.teacher else 0.0,
               "guidance": sc.guidance if loss.train_cfg else 1.0, "detach_uncond": loss.detach_uncond}
-        sigmas = shifted_sigmas(sc.num_steps, sc.shift)
+        sigmas = schedule_sigmas(sc.num_steps, sc.shift, sc.timesteps)
         if loss.form == "policy_gradient":
             return PolicyGradientOPD(sigmas, sc.noise_level, clip_range=loss.clip_range, **kw)
         return AnalyticOPD(sigmas, sc.noise_level, **kw)

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import torch
 
-from flowopd.flow import shifted_sigmas
+from flowopd.flow import schedule_sigmas
 from flowopd.models import (
     add_student_adapter,
     decode_images,
@@ -16,7 +16,7 @@ from flowopd.models import (
     resolve_device,
     resolve_dtype,
 )
-from flowopd.rollout import initial_generators, sample_generators, sample_trajectories, sde_schedule
+from flowopd.rollout import ac_states, initial_generators, sample_generators, sample_trajectories, sde_schedule
 
 
 class RolloutWorker:
@@ -33,7 +33,7 @@ class RolloutWorker:
         self.model.requires_grad_(False)
         self.version = -1
         sc = cfg.sampling
-        self.sigmas = shifted_sigmas(sc.num_steps, sc.shift)
+        self.sigmas = schedule_sigmas(sc.num_steps, sc.shift, sc.timesteps)
         self.neg = encode_prompts(self.pipe, [sc.negative_prompt], cfg.model.max_sequence_length)
         side = cfg.model.resolution // self.pipe.vae_scale_factor
         self.latent_shape = (self.pipe.transformer.config.in_channels, side, side)
@@ -88,7 +88,8 @@ class RolloutWorker:
             outs.append(sample_trajectories(
                 self.model, embeds[pi].to(dev), pooled[pi].to(dev), self.neg[0].to(dev), self.neg[1].to(dev),
                 self.sigmas, sc.noise_level, sc.guidance, self.latent_shape, sample_generators(cfg.seed, step, ids, dev),
-                trained, autocast, stochastic, initial_generators(cfg.seed, step, ids, G, sc.same_latent, dev)))
+                trained, autocast, stochastic, initial_generators(cfg.seed, step, ids, G, sc.same_latent, dev),
+                sc.sampler))
         x, x_next, logp = (torch.cat([o[k] for o in outs], dim=1) for k in range(3))
         J, B = x.shape[:2]
         step_idx = np.repeat(np.asarray(trained), B)
@@ -104,6 +105,25 @@ class RolloutWorker:
             "version": self.version,
         }
         return ro, torch.cat([o[3] for o in outs])
+
+    def ac_rollout(self, key: int, version: int, lora: dict, prompts: list[str], sample_ids: list[int], stop: int,
+                   consistency_step: int) -> dict:
+        """AC-DMD's states (flowopd.rollout.ac_states), one sample per entry of `prompts`, with the generator's
+        weights of `version`; a sample's draws depend on (seed, key, sample id) only. Its text rides along."""
+        self.set_weights(version, lora)
+        cfg, sc, dev = self.cfg, self.cfg.sampling, self.device
+        embeds, pooled = encode_prompts(self.pipe, prompts, cfg.model.max_sequence_length)
+        autocast = self.dtype if self.dtype != torch.float32 else None
+        parts, bs = [], cfg.rollout.batch_size
+        for i in range(0, len(prompts), bs):
+            sl = slice(i, i + bs)
+            parts.append(ac_states(self.model, embeds[sl].to(dev), pooled[sl].to(dev), self.sigmas, sc.noise_level,
+                                   stop, self.latent_shape, sample_generators(cfg.seed, key, sample_ids[sl], dev),
+                                   consistency_step, autocast))
+        ro = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
+        return {**ro, "step_idx": np.full(len(prompts), stop - 1), "prompt_idx": np.arange(len(prompts)),
+                "embeds": embeds.numpy(), "pooled": pooled.numpy(), "neg_embeds": self.neg[0].numpy(),
+                "neg_pooled": self.neg[1].numpy(), "version": self.version}
 
     def ping(self) -> int:
         return self.version

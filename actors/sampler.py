@@ -1,9 +1,10 @@
 """Samplers for evaluation and SFT data: one pipeline per actor hosting several models on one shared base.
-Every model sees the same noise for the same (seed, sample id), so comparisons between models are paired."""
+Every model sees the same noise for the same (seed, sample id), so comparisons between models are paired;
+a model's own `sampling` (a few-step generator beside the base) changes its schedule and sampler only."""
 import numpy as np
 import torch
 
-from flowopd.flow import shifted_sigmas
+from flowopd.flow import schedule_sigmas, shifted_sigmas
 from flowopd.models import (
     ModelBank,
     decode_images,
@@ -16,6 +17,15 @@ from flowopd.models import (
 from flowopd.rollout import sample_generators, sample_trajectories
 
 
+def model_sampling(sampling, override: dict | None):
+    """`sampling` with a model's override on top, validated as a whole (so a bad merge fails like a bad config).
+    A num_steps without timesteps means the scheduler's schedule at that count, not the evaluation's timesteps."""
+    own = {k: v for k, v in (override or {}).items() if v is not None}
+    if "num_steps" in own and "timesteps" not in own:
+        own["timesteps"] = None
+    return type(sampling).model_validate(sampling.model_dump() | own) if own else sampling
+
+
 class Sampler:
     def __init__(self, model_cfg, models: dict[str, dict], sampling, seed: int, batch_size: int,
                  device: str = "auto"):
@@ -26,7 +36,7 @@ class Sampler:
         self.dtype = resolve_dtype(model_cfg.dtype, self.device)
         self.pipe = load_pipeline(model_cfg.base, self.dtype, self.device, model_cfg.compile)
         self.bank = ModelBank(model_cfg.base, models, self.dtype, self.device, self.pipe.transformer, model_cfg.compile)
-        self.sigmas = shifted_sigmas(sampling.num_steps, sampling.shift)
+        self.sampling = {name: model_sampling(sampling, spec.get("sampling")) for name, spec in models.items()}
         self.neg = [t.to(self.device) for t in self.encode([sampling.negative_prompt])]
         side = model_cfg.resolution // self.pipe.vae_scale_factor
         self.latent_shape = (self.pipe.transformer.config.in_channels, side, side)
@@ -38,11 +48,13 @@ class Sampler:
                  steps: int | None = None, guidance: float | None = None, resolution: int | None = None,
                  seed: int | None = None) -> np.ndarray:
         """uint8 images (N, H, W, 3), or with decode=False the final latents (fp32). steps, guidance,
-        resolution and seed default to the sampler's own settings."""
+        resolution and seed default to the sampler's own settings (the model's override merged in); steps
+        replaces the schedule by the scheduler's at that count, keeping the model's sampler and noise level."""
         if guidance is None:
             g = self.guidance.get(model)
             guidance = self.sc.guidance if g is None else g
-        sigmas = self.sigmas if steps is None else shifted_sigmas(steps, self.sc.shift)
+        sc = self.sampling.get(model, self.sc)  # an unknown model fails in bank.use, which names the hosted ones
+        sigmas = shifted_sigmas(steps, sc.shift) if steps else schedule_sigmas(sc.num_steps, sc.shift, sc.timesteps)
         shape = self.latent_shape
         if resolution is not None:
             side = resolution // self.pipe.vae_scale_factor
@@ -56,7 +68,7 @@ class Sampler:
                 e, p = self.encode(chunk)
                 gens = sample_generators(seed, 0, sample_ids[i:i + len(chunk)], self.device)
                 *_, final = sample_trajectories(net, e.to(self.device), p.to(self.device), *self.neg, sigmas,
-                                                self.sc.noise_level, guidance, shape, gens, (), autocast)
+                                                sc.noise_level, guidance, shape, gens, (), autocast, sampler=sc.sampler)
                 out.append(decode_images(self.pipe, final) if decode else final.float().cpu().numpy())
         return np.concatenate(out)
 

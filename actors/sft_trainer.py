@@ -7,7 +7,7 @@ import numpy as np
 import ray
 from safetensors.numpy import load_file, save_file
 
-from flowopd.flow import shifted_sigmas
+from flowopd.flow import schedule_sigmas
 from flowopd.objectives import FlowMatchingSFT
 
 from .sampler import Sampler
@@ -24,7 +24,7 @@ class SFTTrainer(Trainer):
 
     def start_services(self) -> dict[str, list]:
         self.data = self._load_or_generate()
-        self.sigmas = shifted_sigmas(self.cfg.sampling.num_steps, self.cfg.sampling.shift).numpy()
+        self.sigmas = schedule_sigmas(self.cfg.sampling.num_steps, self.cfg.sampling.shift, self.cfg.sampling.timesteps).numpy()
         return {}
 
     def _load_or_generate(self) -> dict:

@@ -42,6 +42,7 @@ class Trainer(ABC):
 
     name = "train"
     work_name = "label"
+    extra_phases: tuple[str, ...] = ()  # further phases the step timer reports
     uses_rollouts = True
 
     def __init__(self, cfg, sources: list[list]):
@@ -103,8 +104,7 @@ class Trainer(ABC):
             self.learners = LearnerGroup(self.cfg, self.make_objective(self.cfg))
             self._ready([])
             return "the learner group"
-        for actor in self.services:
-            ray.kill(actor)
+        self.stop_services()
         self._start_services()
         self._ready(self.services)
         return "the " + " and ".join(f"{role} actors" for role, members in self._services.items() if members)
@@ -153,6 +153,18 @@ class Trainer(ABC):
     def load_extra_adapters(self, adapters: dict) -> None:
         pass
 
+    def extra_optimizers(self) -> dict:
+        """Optimizer states of further trained models to checkpoint (e.g. a fake score's)."""
+        return {}
+
+    def load_extra_optimizers(self, optimizers: dict) -> None:
+        """Called last when a checkpoint is loaded, after `load_extra_adapters` and `load_extra_state`."""
+
+    def stop_services(self) -> None:
+        """Release the actors `start_services` created."""
+        for actor in self.services:
+            ray.kill(actor)
+
     def extra_state(self) -> dict:
         """Further JSON-safe trainer state to checkpoint (e.g. an optimizer-step counter)."""
         return {}
@@ -170,6 +182,7 @@ class Trainer(ABC):
         self.sampler.load_state(state["trainer_state"]["sampler"])
         self.load_extra_adapters(state["extra"])
         self.load_extra_state(state["trainer_state"])
+        self.load_extra_optimizers(state["extra_optimizers"])
         self.step_done = state["trainer_state"]["step"]
         self.lora = state["lora"]
         self._truncate_metrics(self.step_done)
@@ -184,12 +197,13 @@ class Trainer(ABC):
         return self.ckpt.save(self.step_done, self.lora, self.lora_cfg, self.learners.optimizer_state(),
                               {"sampler": self.sampler.state(), "seed": self.cfg.seed,
                                "config": self.cfg.model_dump(mode="json"), **self.extra_state()},
-                              self.extra_adapters())
+                              self.extra_adapters(), self.extra_optimizers())
 
     def shutdown(self) -> None:
         """Release every actor and the learners' placement group (the cluster keeps running)."""
-        for actor in self.workers + self.services:
+        for actor in self.workers:
             ray.kill(actor)
+        self.stop_services()
         self.learners.shutdown()
 
     def run(self, progress: bool = True) -> list[dict]:
@@ -281,7 +295,7 @@ class Trainer(ABC):
         """A timer for the step beginning now; time since the previous step ended counts as its `other`.
         The count of bytes received by the driver starts again too."""
         self.bytes_in = 0
-        return StepTimer(self.work_name, self._step_end)
+        return StepTimer(self.work_name, self._step_end, self.extra_phases)
 
     def end_step(self, timer: "StepTimer") -> dict:
         """The finished step's phase times (seconds); the next step's `other` starts here."""
@@ -327,11 +341,11 @@ class StepTimer:
     scoring), learn and sync (summed over the step's optimizer steps), total since the previous step ended,
     and other (the rest: drawing prompts, advantages, logging, checkpoints)."""
 
-    def __init__(self, work_name: str, since: float | None = None):
+    def __init__(self, work_name: str, since: float | None = None, extra: tuple[str, ...] = ()):
         self.start = self.last = time.perf_counter()
         self.since = since or self.start
         self.end = None
-        self.phases = {"rollout": 0.0, work_name: 0.0, "learn": 0.0, "sync": 0.0}
+        self.phases = {"rollout": 0.0, work_name: 0.0, **dict.fromkeys(extra, 0.0), "learn": 0.0, "sync": 0.0}
 
     def lap(self, phase: str) -> None:
         """The time since the previous lap (or the step's start) goes to `phase`."""

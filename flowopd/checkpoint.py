@@ -75,8 +75,9 @@ class CheckpointManager:
         self.keep = keep
 
     def save(self, step: int, lora: dict, lora_cfg: LoraConfig, optimizer: dict, trainer_state: dict,
-             extra_adapters: dict | None = None) -> Path:
-        """extra_adapters: further LoRA states of the same shape (e.g. an EMA), saved as sibling adapters."""
+             extra_adapters: dict | None = None, extra_optimizers: dict | None = None) -> Path:
+        """extra_adapters: further LoRA states of the same shape (e.g. an EMA, a fake score), saved as sibling
+        adapters; extra_optimizers: the optimizer states of further trained models, by name."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
@@ -84,9 +85,11 @@ class CheckpointManager:
         save_adapter(tmp / STUDENT_DIR, lora, lora_cfg)
         for name, state in (extra_adapters or {}).items():
             save_adapter(tmp / name, state, lora_cfg)
-        tensors, meta = _flatten_optimizer(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json_atomic(tmp / "optimizer.json", meta)
+        for name, state in {"": optimizer, **(extra_optimizers or {})}.items():
+            tensors, meta = _flatten_optimizer(state)
+            stem = f"optimizer_{name}" if name else "optimizer"
+            save_file(tensors, str(tmp / f"{stem}.safetensors"))
+            write_json_atomic(tmp / f"{stem}.json", meta)
         write_json_atomic(tmp / STATE_FILE, {**trainer_state, "step": step})
         _fsync_dir(tmp)
         if final.exists():  # left by a run that went further before this one resumed from earlier
@@ -122,7 +125,7 @@ class CheckpointManager:
         adapters = {d.name: {k: v.numpy() for k, v in load_file(str(d / "adapter_model.safetensors")).items()}
                     for d in path.iterdir() if (d / "adapter_model.safetensors").exists()}
         lora = adapters.pop(STUDENT_DIR)
-        optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                         json.loads((path / "optimizer.json").read_text()))
-        return {"lora": lora, "optimizer": optimizer, "extra": adapters,
+        optimizers = {f.stem.removeprefix("optimizer").removeprefix("_"): _unflatten_optimizer(
+            load_file(str(f)), json.loads(f.with_suffix(".json").read_text())) for f in path.glob("optimizer*.safetensors")}
+        return {"lora": lora, "optimizer": optimizers.pop(""), "extra": adapters, "extra_optimizers": optimizers,
                 "trainer_state": json.loads((path / STATE_FILE).read_text())}

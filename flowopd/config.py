@@ -1,4 +1,5 @@
 """Validated job configuration (pydantic): YAML file + `key=value` overrides, checked before any actor starts."""
+import itertools
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +83,22 @@ class SamplingConfig(Strict):
     # Flow-GRPO's `same_latent`: the samples of one prompt share their initial noise, so rewards within a
     # group differ only through the stochastic steps the policy gradient sees
     same_latent: bool = False
+    # an explicit few-step schedule in timesteps (e.g. [1000, 750, 500, 250], shifted by `shift`), replacing
+    # num_steps; and the sampler: "sde" (Flow-GRPO's SDE, noise_level a; 0 is the Euler ODE) or "cps" (RTDMD's
+    # few-step sampler, noise_level = eta: the angle at which fresh noise is mixed in)
+    timesteps: list[float] | None = Field(None, min_length=1)
+    sampler: Literal["sde", "cps"] = "sde"
+
+    @model_validator(mode="after")
+    def _few_steps(self):
+        if self.timesteps:
+            t = self.timesteps
+            if any(not 0 < x <= 1000 for x in t) or any(a <= b for a, b in itertools.pairwise(t)):
+                raise ValueError(f"timesteps: {self.timesteps} must decrease within (0, 1000]")
+            self.num_steps = len(self.timesteps)
+        if self.sampler == "cps" and self.noise_level > 1:
+            raise ValueError(f"noise_level: the CPS sampler's eta must lie in [0, 1], got {self.noise_level}")
+        return self
 
     @model_validator(mode="after")
     def _window(self):
@@ -366,8 +383,90 @@ class GRPOConfig(JobConfig):
         return self
 
 
+class DMDSettings(Strict):
+    """AC-DMD (RTDMD stage 1); defaults are the released SD3.5-M cold start's."""
+    fake_update_ratio: int = Field(10, gt=0)  # fake-score updates per generator update, each on fresh samples
+    consistency_weight: float = Field(0.01, ge=0)
+    consistency_step: int = Field(200, gt=0)  # the consistency move goes back up to this many timesteps
+    ema_decay: float | None = Field(0.99, gt=0, lt=1)  # generator EMA, updated after every fake update
+
+
+class FakeScoreConfig(Strict):
+    """The fake score: its own LoRA on the base (fresh, or `init_adapter`) and its own learner group."""
+    init_adapter: str | None = None
+    learner: LearnerConfig = LearnerConfig(lr=3e-5, weight_decay=0.0)
+
+
+class DMDData(DataConfig):
+    prompts_per_step: int = Field(9, gt=0)
+    group_size: int = Field(1, gt=0)  # samples per prompt (distribution matching needs no groups)
+
+
+CPS_FEW_STEPS = SamplingConfig(timesteps=[1000, 750, 500, 250], sampler="cps", noise_level=0.9, guidance=1.0)
+
+
+class DMDConfig(JobConfig):
+    """A few-step generator (the student: its LoRA, sampled with `sampling`, by default the 4-step CPS
+    schedule without CFG) distilled from a frozen teacher (the real score, served by the teacher pools) by
+    AC-DMD, with a fake score trained online on its samples."""
+    sampling: SamplingConfig = CPS_FEW_STEPS
+    data: DMDData
+    learner: LearnerConfig = LearnerConfig(lr=3e-5, weight_decay=0.0)
+    teachers: dict[str, TeacherConfig] = {"real": TeacherConfig(guidance=4.5)}  # default: the base model
+    pools: dict[str, PoolConfig] = {"default": PoolConfig()}
+    fake: FakeScoreConfig = FakeScoreConfig()
+    dmd: DMDSettings = DMDSettings()
+    export_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _dmd(self):
+        if set(self.teachers) != {"real"}:
+            raise ValueError(f"teachers: distribution matching takes one teacher, named `real` (got {sorted(self.teachers)})")
+        if self.teachers["real"].pool not in self.pools:
+            raise ValueError(f"teachers.real.pool: pool {self.teachers['real'].pool!r} is not defined under `pools`")
+        if self.sampling.sampler != "cps" or not self.sampling.timesteps:
+            raise ValueError("sampling: AC-DMD trains a CPS few-step generator: set sampling.sampler: cps and "
+                             "sampling.timesteps")
+        return self
+
+    def needs_transitions(self) -> bool:
+        return False
+
+    def used_teachers(self) -> list[str]:
+        return ["real"]
+
+    def teacher_guidance(self, name: str) -> float:
+        g = self.teachers[name].guidance
+        return self.sampling.guidance if g is None else g
+
+    def actor_groups(self) -> dict[str, tuple[Resources, int]]:
+        pool = self.teachers["real"].pool
+        return {f"pools.{pool}": (self.pools[pool], self.pools[pool].replicas), **super().actor_groups(),
+                "fake.learner": (self.fake.learner, self.fake.learner.ranks)}
+
+    def plan(self) -> list[str]:
+        sc, d = self.sampling, self.dmd
+        return [(f"generator: {sc.num_steps}-step CPS (eta {sc.noise_level:g}) at timesteps {sc.timesteps}; real score: "
+                f"the {'base' if not self.teachers['real'].adapter else 'teacher'} at guidance "
+                f"{self.teacher_guidance('real'):g}; {d.fake_update_ratio} fake-score updates per generator update")]
+
+    def fake_job(self) -> "DMDConfig":
+        """This config as the fake score's learners see it: their own learner group and LoRA."""
+        return self.model_copy(update={"learner": self.fake.learner, "student": self.student.model_copy(
+            update={"init_adapter": self.fake.init_adapter})})
+
+
+class SamplingOverride(Strict):
+    """A model's own sampler in an evaluation (a few-step generator, or the base at fewer steps)."""
+    num_steps: int | None = Field(None, gt=0)
+    timesteps: list[float] | None = Field(None, min_length=1)
+    sampler: Literal["sde", "cps"] | None = None
+    noise_level: float | None = Field(None, ge=0)
+
+
 class EvalModel(ModelSource):
-    """A model to evaluate."""
+    """A model to evaluate; `sampling` replaces the evaluation's sampler settings for this model only."""
+    sampling: SamplingOverride | None = None
 
 
 class EvalSampling(SamplingConfig):

@@ -18,6 +18,18 @@ def shifted_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int 
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
+def timestep_sigmas(timesteps, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The sigmas of an explicit few-step schedule (e.g. [1000, 750, 500, 250]) under the same shift, with the
+    final 0 appended: u = t/1000, sigma = shift*u / (1 + (shift - 1) u)."""
+    u = torch.as_tensor(timesteps, dtype=torch.float64) / num_train_timesteps
+    return torch.cat([shift * u / (1 + (shift - 1) * u), u.new_zeros(1)]).float()
+
+
+def schedule_sigmas(num_steps: int, shift: float, timesteps=None) -> torch.Tensor:
+    """The sampling sigmas of a config: its explicit `timesteps` if given, else the scheduler's."""
+    return timestep_sigmas(timesteps, shift) if timesteps else shifted_sigmas(num_steps, shift)
+
+
 def sde_std(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor:
     """Flow-GRPO's per-step noise scale std_j = a*sqrt(sigma_j / (1 - sigma_j)); sigma_j = 1 uses sigma_1."""
     s = sigmas[:-1].double()
@@ -27,7 +39,7 @@ def sde_std(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor:
 
 def transition_mean(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, std) -> torch.Tensor:
     """Mean of the Euler-Maruyama SDE transition x_sigma -> x_sigma' (reduces to the ODE step at std=0)."""
-    sigma, sigma_next, std = (_bcast(t, x) for t in (sigma, sigma_next, std))
+    sigma, sigma_next, std = (per_sample(t, x) for t in (sigma, sigma_next, std))
     dt = sigma_next - sigma
     return x * (1 + std ** 2 / (2 * sigma) * dt) + v * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dt
 
@@ -39,7 +51,7 @@ def transition_scale(sigma, sigma_next, std):
 
 def gaussian_logprob(x_next: torch.Tensor, mean: torch.Tensor, scale) -> torch.Tensor:
     """Log-density of x_next under N(mean, scale^2 I), averaged over all but the batch dim (Flow-GRPO)."""
-    scale = _bcast(scale, x_next)
+    scale = per_sample(scale, x_next)
     lp = -((x_next.detach() - mean) ** 2) / (2 * scale ** 2) - torch.log(scale) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(1)
 
@@ -53,8 +65,36 @@ def sde_step(x, v, sigma, sigma_next, std, noise=None, generator=None):
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     scale = transition_scale(sigma, sigma_next, std)
-    x_next = mean + _bcast(scale, x) * noise
+    x_next = mean + per_sample(scale, x) * noise
     return x_next, mean, gaussian_logprob(x_next, mean, scale)
+
+
+def cps_coefficients(sigma, sigma_next, eta: float):
+    """(a, b, rho) of the CPS step x' = a x + b v + rho xi (xi ~ N(0, I)): x' = (1-s') x0_hat
+    + s' (cos(eta pi/2) eps_hat + sin(eta pi/2) xi) with x0_hat = x - s v and eps_hat = x + (1-s) v.
+    The noise is mixed in by angle: when (x0_hat, eps_hat) is a posterior draw, x' has the marginal of sigma'
+    whatever eta (0 is deterministic DDIM)."""
+    c, r = math.cos(eta * math.pi / 2), math.sin(eta * math.pi / 2)
+    a = (1 - sigma_next) + sigma_next * c
+    b = -(1 - sigma_next) * sigma + sigma_next * c * (1 - sigma)
+    return a, b, sigma_next * r
+
+
+def cps_step(x, v, sigma, sigma_next, eta: float, noise=None, generator=None):
+    """One step of the CPS sampler (RTDMD's few-step sampler); returns (x_next, mean, log_prob of x_next).
+    sigma' = 0 lands on x0_hat. Per-sample sigmas broadcast like `sde_step`'s."""
+    x, v = x.float(), v.float()
+    sigma, sigma_next = per_sample(sigma, x), per_sample(sigma_next, x)
+    a, b, rho = cps_coefficients(sigma, sigma_next, eta)
+    mean = a * x + b * v
+    if eta == 0 or (noise is None and not torch.any(rho > 0)):  # deterministic: nothing to draw
+        return mean, mean, torch.zeros(x.shape[0], device=x.device)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    x_next = mean + rho * noise
+    # a deterministic transition (rho = 0, the step to sigma' = 0) has log-prob 0, as the ODE step's
+    logp = gaussian_logprob(x_next, mean, rho.clamp(min=1e-12).expand_as(x))
+    return x_next, mean, torch.where(rho.expand_as(x).flatten(1)[:, 0] > 0, logp, torch.zeros_like(logp))
 
 
 def kl_weights(sigmas: torch.Tensor, noise_level: float, exact: bool = True) -> torch.Tensor:
@@ -106,7 +146,7 @@ def opd_pg_loss(v_student, v_target, x, x_next, logp_old, sigma, sigma_next, std
     return loss
 
 
-def _bcast(t, like: torch.Tensor) -> torch.Tensor:
+def per_sample(t, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a scalar or per-sample tensor against a batch tensor."""
     t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
     return t.reshape(-1, *([1] * (like.dim() - 1))) if t.dim() == 1 else t

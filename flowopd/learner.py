@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .flow import shifted_sigmas
+from .flow import schedule_sigmas
 from .models import (
     add_student_adapter,
     as_tensor,
@@ -29,7 +29,10 @@ from .models import (
 from .objectives import Objective
 
 # Batch entries with one row per state (the rest are per prompt or shared).
-PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar", "adv")
+PER_STATE = ("x", "x_next", "logp_old", "step_idx", "prompt_idx", "v_task", "v_mar", "adv",
+             # distribution matching (flowopd.dmd): the generator's step noise, the renoised state and its
+             # scores, the fake score's targets and consistency moves
+             "xi", "x_t", "sigma_t", "xi_back", "v_real", "v_fake", "v_target", "fm_weight", "sigma_c", "xi_1", "xi_2")
 
 
 def select_states(batch: dict, keep: np.ndarray) -> dict:
@@ -71,7 +74,7 @@ class Learner:
         lc = cfg.learner
         self.opt = torch.optim.AdamW(self.params, lr=lc.lr, weight_decay=lc.weight_decay, betas=lc.betas)
         # constant tables live on the model's device once: they are indexed by per-state step indices there
-        self.sigmas = shifted_sigmas(cfg.sampling.num_steps, cfg.sampling.shift).to(self.device)
+        self.sigmas = schedule_sigmas(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.timesteps).to(self.device)
         self.objective = objective.to(self.device)
         self._pending: dict[int, torch.Tensor] = {}  # accumulated micro-group gradients, by group id
 
@@ -80,6 +83,26 @@ class Learner:
         with torch.no_grad(), self.model.disable_adapter():
             return velocity(self.model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
                             b["neg_embeds"], b["neg_pooled"], self.objective.guidance, self.autocast)
+
+    def _student(self, b, pi, x, sigma) -> torch.Tensor:
+        """The trained model's velocity, with its gradient, at further states of the chunk's prompts."""
+        obj = self.objective
+        return velocity(self.model, x, sigma, b["embeds"][pi], b["pooled"][pi], b["neg_embeds"], b["neg_pooled"],
+                        obj.guidance, self.autocast, obj.detach_uncond)
+
+    @torch.no_grad()
+    def predict(self, batch: dict, guidance: float = 1.0) -> np.ndarray:
+        """The trained model's velocity at every state of `batch` (`x` at the objective's noise levels), for
+        other actors (a fake score labelling the generator's states)."""
+        b = self._tensors(batch)
+        out = []
+        for i in range(0, len(b["x"]), self.cfg.learner.micro_batch_size):
+            sl = slice(i, i + self.cfg.learner.micro_batch_size)
+            j, pi = b["step_idx"][sl].long(), b["prompt_idx"][sl].long()
+            out.append(velocity(self.model, b["x"][sl], self.objective.state_sigma(b, sl, j, self.sigmas),
+                                b["embeds"][pi], b["pooled"][pi], b["neg_embeds"], b["neg_pooled"], guidance,
+                                self.autocast).float().cpu().numpy())
+        return np.concatenate(out)
 
     def train_step(self, batch: dict, total_states: int) -> dict:
         """One optimizer step on this rank's share of the states; returns per-state terms and grad norm."""
@@ -135,9 +158,10 @@ class Learner:
             with (nullcontext() if sync else ddp.no_sync()):
                 j = b["step_idx"][sl].long()
                 pi = b["prompt_idx"][sl].long()
-                v = velocity(model, b["x"][sl], self.sigmas[j], b["embeds"][pi], b["pooled"][pi],
-                             b["neg_embeds"], b["neg_pooled"], obj.guidance, self.autocast, obj.detach_uncond)
-                loss, out = obj(v, b, sl, j, partial(self._reference, b, sl, j, pi))
+                v = velocity(model, b["x"][sl], obj.state_sigma(b, sl, j, self.sigmas), b["embeds"][pi],
+                             b["pooled"][pi], b["neg_embeds"], b["neg_pooled"], obj.guidance, self.autocast,
+                             obj.detach_uncond)
+                loss, out = obj(v, b, sl, j, partial(self._reference, b, sl, j, pi), partial(self._student, b, pi))
                 for k, val in out.items():
                     terms.setdefault(k, []).append(val.detach().float())
                 (loss.sum() * scale).backward()

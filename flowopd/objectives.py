@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from .flow import kl_weights, opd_loss, opd_pg_loss, sde_std
+from .dmd import consistency_loss, denoised, dmd_direction, dmd_loss, fake_score_loss
+from .flow import cps_step, kl_weights, opd_loss, opd_pg_loss, sde_std
 from .grpo import grpo_loss
 
 
@@ -30,11 +31,19 @@ class Objective(ABC):
                 setattr(self, name, value.to(device))
         return self
 
+    def state_sigma(self, batch: dict, sl: slice, j: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The noise level of each state: the sampling schedule's sigma at its step index, by default."""
+        return sigmas[j]
+
     @abstractmethod
     def __call__(self, v: torch.Tensor, batch: dict, sl: slice, j: torch.Tensor,
-                 reference: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 reference: Callable[[], torch.Tensor],
+                 student: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(per-state loss to minimise, per-state terms to log). `reference()` is the frozen reference
-        model's velocity on the same states (the student with its adapter disabled), computed on demand."""
+        model's velocity on the same states (the student with its adapter disabled), computed on demand;
+        `student(x, sigma)` the trained model's velocity (with its gradient) at other states of the same
+        prompts."""
 
 
 class VelocityMatching(Objective):
@@ -49,7 +58,7 @@ class VelocityMatching(Objective):
     def term(self, v, target, batch, sl, j) -> torch.Tensor:
         return opd_loss(v, target, self.w[j])
 
-    def __call__(self, v, batch, sl, j, reference):
+    def __call__(self, v, batch, sl, j, reference, student):
         task = self.term(v, batch["v_task"][sl], batch, sl, j)
         out, loss = {"task_loss": task}, task
         if self.mar_weight > 0:
@@ -99,9 +108,53 @@ class FlowGRPO(Objective):
         self.clip_range, self.beta = clip_range, beta
         self.guidance, self.detach_uncond = guidance, detach_uncond
 
-    def __call__(self, v, batch, sl, j, reference):
+    def __call__(self, v, batch, sl, j, reference, student):
         v_ref = reference() if self.beta > 0 else None
         loss, ratio, kl = grpo_loss(v, v_ref, batch["x"][sl], batch["x_next"][sl], batch["logp_old"][sl],
                                     batch["adv"][sl], self.sigmas[j], self.sigmas[j + 1], self.std[j],
                                     self.clip_range, self.beta)
         return loss, {"loss": loss, "ratio": ratio, "kl": kl}
+
+
+class ACDMDGenerator(Objective):
+    """AC-DMD's generator loss (RTDMD stage 1): the state `x` at sigma_j takes its CPS step to s = sigma_{j+1}
+    with the rollout's noise `xi`, x_s = CPS(x, v_theta); then 0.5 mean_dims(x_s - SG(x_s - g)) with g the DMD
+    direction from the real and fake scores at the renoised state (`x_t`, `sigma_t`). No CFG (the generator
+    samples without it)."""
+
+    def __init__(self, sigmas, eta: float):
+        self.sigmas, self.eta = sigmas.float(), eta
+
+    def __call__(self, v, batch, sl, j, reference, student):
+        s = self.sigmas[j + 1]
+        x_s = cps_step(batch["x"][sl], v, self.sigmas[j], s, self.eta, noise=batch["xi"][sl])[0]
+        g = dmd_direction(x_s.detach(), batch["x_t"][sl], batch["sigma_t"][sl], s, batch["v_real"][sl],
+                          batch["v_fake"][sl], self.eta, batch["xi_back"][sl])
+        loss = dmd_loss(x_s, g)
+        return loss, {"dmd_loss": loss}
+
+
+class ACFakeScore(Objective):
+    """AC-DMD's fake score: flow matching on the generator's renoised outputs, w * mean_dims(v - v*)^2 at
+    (`x` = x_t, `sigma_t`), plus `consistency` x the two-sample consistency term: from x_t, two CPS moves
+    (noises `xi_1`, `xi_2`, the fake's own detached velocity) to the lower level `sigma_c`, where the fake's
+    denoised predictions should agree with the one at x_t. No CFG."""
+
+    def __init__(self, eta: float, consistency: float):
+        self.eta, self.consistency = eta, consistency
+
+    def state_sigma(self, batch, sl, j, sigmas):
+        return batch["sigma_t"][sl]
+
+    def __call__(self, v, batch, sl, j, reference, student):
+        fm = fake_score_loss(v, batch["v_target"][sl], batch["fm_weight"][sl])
+        out, loss = {"fm_loss": fm}, fm
+        if self.consistency > 0:
+            x_t, sigma_t, sigma_c = batch["x"][sl], batch["sigma_t"][sl], batch["sigma_c"][sl]
+            anchor = denoised(x_t, v, sigma_t)
+            moved = [cps_step(x_t, v.detach(), sigma_t, sigma_c, self.eta, noise=batch[k][sl])[0]
+                     for k in ("xi_1", "xi_2")]
+            h = [denoised(x, student(x, sigma_c), sigma_c) for x in moved]
+            out["consistency"] = consistency_loss(anchor, *h)
+            loss = loss + self.consistency * out["consistency"]
+        return loss, out

@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from .flow import sde_std, sde_step
+from .dmd import ambient_velocity, fm_weight, renoise, renoise_sigma
+from .flow import cps_step, sde_std, sde_step
 from .models import velocity
 
 
@@ -49,12 +50,13 @@ def _randn(shape, gens, device):
 @torch.no_grad()
 def sample_trajectories(model, embeds, pooled, neg_embeds, neg_pooled, sigmas, noise_level, guidance,
                         latent_shape, gens, train_steps=(), autocast_dtype=None, stochastic_steps=None,
-                        init_gens=None):
+                        init_gens=None, sampler: str = "sde"):
     """Run the sampler for a batch; return the states (J, B, ...) at the steps in `train_steps` (in that
     order), the sampled next states, their log-probs under the sampling policy, and the final latents.
 
     Steps in `stochastic_steps` (default: all) take the SDE step with `noise_level`, the others the ODE
-    step; `init_gens` (default: `gens`) draw the initial noise."""
+    step; `init_gens` (default: `gens`) draw the initial noise. sampler "cps" takes RTDMD's CPS step with
+    eta = noise_level instead (its last step, to sigma 0, is deterministic)."""
     device = embeds.device
     std = sde_std(sigmas, noise_level)
     if stochastic_steps is not None:
@@ -65,8 +67,13 @@ def sample_trajectories(model, embeds, pooled, neg_embeds, neg_pooled, sigmas, n
     states, nexts, logps = {}, {}, {}
     for j in range(len(sigmas) - 1):
         v = velocity(model, x, sigmas[j], embeds, pooled, neg_embeds, neg_pooled, guidance, autocast_dtype)
-        noise = _randn(latent_shape, gens, device) if std[j] > 0 else None
-        x_next, _, logp = sde_step(x, v, sigmas[j].item(), sigmas[j + 1].item(), std[j].item(), noise=noise)
+        last_cps = sampler == "cps" and sigmas[j + 1] == 0  # deterministic: draws nothing
+        noise = _randn(latent_shape, gens, device) if std[j] > 0 and not last_cps else None
+        if sampler == "cps":
+            eta = noise_level if std[j] > 0 else 0.0
+            x_next, _, logp = cps_step(x, v, sigmas[j].item(), sigmas[j + 1].item(), eta, noise=noise)
+        else:
+            x_next, _, logp = sde_step(x, v, sigmas[j].item(), sigmas[j + 1].item(), std[j].item(), noise=noise)
         if j in train_steps:
             states[j], nexts[j], logps[j] = x, x_next, logp
         x = x_next
@@ -74,3 +81,34 @@ def sample_trajectories(model, embeds, pooled, neg_embeds, neg_pooled, sigmas, n
         return None, None, None, x
     return (torch.stack([states[j] for j in train_steps]), torch.stack([nexts[j] for j in train_steps]),
             torch.stack([logps[j] for j in train_steps]), x)
+
+
+def _uniform(gens, device) -> torch.Tensor:
+    return torch.stack([torch.rand((), generator=g, device=device) for g in gens])
+
+
+@torch.no_grad()
+def ac_states(model, embeds, pooled, sigmas, eta: float, stop: int, latent_shape, gens, consistency_step: int,
+              autocast_dtype=None) -> dict[str, torch.Tensor]:
+    """AC-DMD's states for a batch: the generator (no CFG) takes its first `stop` CPS steps; the last one, from
+    `x` at sigma_{stop-1} with noise `xi`, is the step the gradient goes through, and its output `x_s` at
+    s = sigma_stop is renoised along the ambient path to `x_t` at sigma_t ~ U[s + 0.01, 1] (clamped). Also
+    drawn: the shared noise `xi_back` that maps the scores' predictions back to s, the fake score's target
+    `v_target` and weight, and its consistency move (level `sigma_c` = sigma_t - d/1000, d ~ U{1..
+    consistency_step}, noises `xi_1`, `xi_2`). Every draw comes from the sample's own generator, in a fixed
+    order."""
+    device = embeds.device
+    x = _randn(latent_shape, gens, device)
+    for k in range(stop):
+        v = velocity(model, x, sigmas[k], embeds, pooled, None, None, 1.0, autocast_dtype)
+        xi = _randn(latent_shape, gens, device) if sigmas[k + 1] > 0 else torch.zeros_like(x)
+        x_k, x = x, cps_step(x, v, sigmas[k].item(), sigmas[k + 1].item(), eta, noise=xi)[0]
+    s = sigmas[stop].item()
+    sigma_t = renoise_sigma(s, _uniform(gens, device))
+    n = _randn(latent_shape, gens, device)
+    xi_back = _randn(latent_shape, gens, device) if s > 0 else torch.zeros_like(x)
+    step_back = torch.stack([torch.randint(1, consistency_step + 1, (), generator=g, device=device) for g in gens])
+    return {"x": x_k, "xi": xi, "x_s": x, "x_t": renoise(x, s, sigma_t, n), "sigma_t": sigma_t, "xi_back": xi_back,
+            "v_target": ambient_velocity(x, s, sigma_t, n), "fm_weight": fm_weight(s, sigma_t),
+            "sigma_c": (sigma_t - step_back / 1000).clamp(min=0), "xi_1": _randn(latent_shape, gens, device),
+            "xi_2": _randn(latent_shape, gens, device)}

@@ -3,10 +3,12 @@
     python -m pipelines.evaluate --config configs/tiny_eval.yaml [key=value ...]
 
 ODE sampling with its own step count (paper: 40) and fixed seeds: every model sees the same noise for
-the same prompt and sample. Writes results.parquet (one row per image: model, prompt, task, seed and
-every reward output), summary.json and summary.md (mean per model and reward over the tasks each reward
-applies to, plus per task), grids/<model>/<task>.png, and index.json: a fingerprint of the settings and
-of each model's weights. With `reuse: <an earlier evaluation directory>`, models whose weights and
+the same prompt and sample. A model's own `sampling` (num_steps, timesteps, sampler, noise_level) replaces
+those settings for it alone, e.g. a few-step generator with the CPS sampler beside the base at 40 steps.
+Writes results.parquet (one row per image: model, prompt, task, seed and every reward output),
+summary.json and summary.md (mean per model and reward over the tasks each reward applies to, plus per
+task), grids/<model>/<task>.png, and index.json: a fingerprint of the settings and of each model's weights
+and own sampling. With `reuse: <an earlier evaluation directory>`, models whose weights and
 settings match it take their rows from there instead of being sampled again, after a spot check that
 this machine reproduces a few of those scores.
 """
@@ -33,6 +35,9 @@ from pipelines.preflight import check_logger, check_resolution, check_reward_spe
 log = logging.getLogger("evaluate")
 SPOT_CHECK = 4  # images re-sampled to confirm that reused results reproduce here
 ROLLOUT_ONLY = {"sde_window_size", "sde_window_range", "same_latent"}  # training-rollout keys, unused here
+# sampling keys added after evaluations were published: left out of the fingerprint at these defaults, so an
+# evaluation with the classic sampler keeps its fingerprint and earlier results stay reusable
+LATER_DEFAULTS = {"timesteps": None, "sampler": "sde"}
 
 
 def _hash_files(paths) -> str:
@@ -43,7 +48,8 @@ def _hash_files(paths) -> str:
 
 
 def model_fingerprint(spec: dict) -> str:
-    """Identifies a model by its weights (not its path) and its guidance."""
+    """Identifies a model by its weights (not its path), its guidance and its own sampling, if any (base at 4
+    steps is another row than base at 40)."""
     from flowopd.models import adapter_weights_file
     if spec.get("adapter"):
         weights = _hash_files([adapter_weights_file(spec["adapter"])])
@@ -51,13 +57,16 @@ def model_fingerprint(spec: dict) -> str:
         weights = _hash_files(Path(spec["transformer"]).rglob("*.safetensors"))
     else:
         weights = "base"
-    return f"{weights}/g{spec.get('guidance')}"
+    own = {k: v for k, v in (spec.get("sampling") or {}).items() if v is not None}
+    return f"{weights}/g{spec.get('guidance')}" + ("/" + json.dumps(own, sort_keys=True) if own else "")
 
 
 def settings_fingerprint(cfg: EvalConfig, records) -> str:
     """Everything besides the model that decides a row: prompts, seeds, sampler, rewards, base weights."""
+    sampling = {k: v for k, v in cfg.sampling.model_dump(mode="json", exclude=ROLLOUT_ONLY).items()
+                if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
     doc = {"records": [(r.prompt, r.task, r.metadata, cfg.samples_for(r.task)) for r in records],
-           "seed": cfg.seed, "sampling": cfg.sampling.model_dump(mode="json", exclude=ROLLOUT_ONLY),
+           "seed": cfg.seed, "sampling": sampling,
            "model": cfg.model.model_dump(mode="json", exclude={"base", "compile"}),  # compile: how, not what
            "base": _hash_files(Path(cfg.model.base).rglob("*.safetensors")),
            "rewards": [r.model_dump(mode="json", include={"name", "label", "kwargs", "tasks"}) for r in cfg.rewards]}
@@ -95,6 +104,7 @@ def load_prompts(cfg: EvalConfig):
 
 
 def preflight_eval(cfg: EvalConfig):
+    from actors.sampler import model_sampling
     from flowopd.models import check_adapter_fits, transformer_config
     resolve_config(cfg)
     if not Path(cfg.model.base).exists():
@@ -109,6 +119,11 @@ def preflight_eval(cfg: EvalConfig):
                 raise ConfigError(f"models.{name}.adapter: {e}") from None
         elif m.transformer and not Path(m.transformer).exists():
             raise ConfigError(f"models.{name}.transformer: {m.transformer} does not exist")
+        if m.sampling:
+            try:
+                model_sampling(cfg.sampling, m.sampling.model_dump())
+            except ValueError as e:
+                raise ConfigError(f"models.{name}.sampling: {e}") from None
     if cfg.reuse and not (Path(cfg.reuse) / "index.json").exists():
         raise ConfigError(f"reuse: {cfg.reuse} is not an evaluation directory (no index.json)")
     check_reward_specs(cfg.rewards)

@@ -12,13 +12,14 @@ from flowopd.config import GRPOConfig
 from pipelines.launch import run_job
 
 
-def export_adapter(trainer, dest: str | None = None) -> dict:
-    """Write the final (EMA if enabled) adapter to export_dir, atomically replacing an older export."""
+def export_adapter(trainer, dest: str | None = None, lora: dict | None = None) -> dict:
+    """Write the final (EMA if enabled) adapter, or `lora`, to export_dir, atomically replacing an older
+    export."""
     from flowopd.checkpoint import save_adapter
     dest = Path(dest or getattr(trainer.cfg, "export_dir", None) or Path(trainer.cfg.output_dir) / "adapter")
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(tmp, trainer.final_adapter(), trainer.lora_cfg)
+    save_adapter(tmp, trainer.final_adapter() if lora is None else lora, trainer.lora_cfg)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old{os.getpid()}")
         os.replace(dest, old)

@@ -283,7 +283,8 @@ class Recipe:
 
 def _model_specs(cfg: EvalConfig) -> dict:
     """What an evaluation stage evaluated: a later run with other models evaluates again."""
-    return {name: m.model_dump(mode="json") for name, m in cfg.models.items()}
+    return {name: m.model_dump(mode="json", exclude={"sampling"} if m.sampling is None else None)
+            for name, m in cfg.models.items()}
 
 
 def shorten(raw: dict, steps: int) -> dict:

@@ -86,15 +86,16 @@ def teacher_claims(res: Results, route: dict[str, str]) -> list[str]:
             for task, teacher in route.items() if teacher in res.models and "base" in res.models]
 
 
-def reach_claims(res: Results, student: str, route: dict[str, str], reach: float) -> list[str]:
-    """The student against each routed teacher on that teacher's task: the ratio and the paired CI."""
+def reach_claims(res: Results, student: str, route: dict[str, str], reach: float, of: str = "the teacher") -> list[str]:
+    """The student against each routed teacher (`of` in the text) on that teacher's task: the ratio and the
+    paired CI."""
     lines = []
     for task, teacher in route.items():
         if teacher in res.models and student in res.models:
             d, t = res.diff(student, teacher, task), res.mean(teacher, task).mean
             ratio = (t + d.mean) / t if t else float("nan")
             lines.append(f"* {verdict(d, f'{task}: {student} − {teacher}')}; {student} reaches {ratio:.1%} of "
-                         f"the teacher ({'≥' if ratio >= reach else '<'} {reach:.0%})")
+                         f"{of} ({'≥' if ratio >= reach else '<'} {reach:.0%})")
     return lines
 
 

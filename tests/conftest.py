@@ -42,9 +42,9 @@ def tiny_assets(tmp_path_factory):
     return ensure_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")))
 
 
-def tiny_config_dict(assets: Path, output_dir: Path, **changes) -> dict:
-    """configs/tiny_opd.yaml pointed at `assets`, with dotted-key changes applied."""
-    raw = yaml.safe_load((ROOT / "configs" / "tiny_opd.yaml").read_text())
+def tiny_config_dict(assets: Path, output_dir: Path, config: str = "tiny_opd.yaml", **changes) -> dict:
+    """configs/<config> (a tiny_* job) pointed at `assets`, with dotted-key changes applied."""
+    raw = yaml.safe_load((ROOT / "configs" / config).read_text())
     text = yaml.safe_dump(raw).replace("runs/tiny_assets", str(assets))
     raw = yaml.safe_load(text)
     del raw["tiny_assets"]  # a launcher key, not part of the job's configuration

@@ -199,3 +199,19 @@ def test_diffusionopd_configs_are_ode_mean_matching_without_mar():
         torch.testing.assert_close(objective.w, dt ** 2 / 2)  # 1/2 ||mu_theta - mu_T||^2 = dt^2/2 ||dv||^2
     world = load_config("configs/world_diffusionopd.yaml")
     assert len(preflight(world)) == 3  # the shipped base, teachers and prompt files
+
+
+def test_dmd_configs_are_the_released_few_step_setup():
+    from actors.resources import requested_resources
+    from flowopd.config import DMDConfig
+    from pipelines.few_step import configs
+    sd35 = load_config("configs/sd35m_dmd.yaml", cls=DMDConfig)
+    assert sd35.sampling.timesteps == [1000, 750, 500, 250] and sd35.sampling.noise_level == 0.9
+    assert (sd35.dmd.fake_update_ratio, sd35.dmd.consistency_weight, sd35.teacher_guidance("real")) == (10, 0.01, 4.5)
+    assert sum(a["GPU"] for a in requested_resources(sd35).values()) == 8  # one node
+    assert _tiny("tiny_dmd.yaml", DMDConfig).fake.learner.ranks == 2
+    raw = yaml.safe_load(Path("configs/world_few_step.yaml").read_text())
+    world, evaluation = configs(raw, quick=False)
+    assert len(preflight(world)) == 3 and world.output_dir == "runs/few_step/ac_dmd"
+    assert list(evaluation.models) == ["base_20", "base_4", "ac_dmd_4"]
+    assert evaluation.models["ac_dmd_4"].adapter == "runs/few_step/ac_dmd/adapter"

@@ -4,11 +4,13 @@ fails here the same way."""
 import numpy as np
 import pytest
 
+from actors.dmd_trainer import DMDTrainer
 from actors.grpo_trainer import GRPOTrainer
 from actors.opd_trainer import OPDTrainer
-from flowopd.config import GRPOConfig, OPDConfig
+from flowopd.config import DMDConfig, GRPOConfig, OPDConfig
 from flowopd.learner import Learner
 from flowopd.models import encode_prompts, load_pipeline
+from flowopd.objectives import ACFakeScore
 from tests.conftest import tiny_config_dict
 
 
@@ -26,10 +28,20 @@ def _batch(tiny_assets, n=6, pg=False, grpo=False):
     return b
 
 
-@pytest.mark.parametrize("kind", ["analytic", "policy_gradient", "grpo"])
+@pytest.mark.parametrize("kind", ["analytic", "policy_gradient", "grpo", "dmd_generator", "fake_score"])
 def test_a_learner_step_stays_on_the_model_device(tiny_assets, tmp_path, kind):
-    raw = tiny_config_dict(tiny_assets, tmp_path, **{"loss.form": kind if kind != "grpo" else "analytic"})
-    if kind == "grpo":
+    raw = tiny_config_dict(tiny_assets, tmp_path, **{"loss.form": kind if kind in ("analytic", "policy_gradient")
+                                                     else "analytic"})
+    batch = _batch(tiny_assets, pg=kind == "policy_gradient", grpo=kind == "grpo")
+    if kind in ("dmd_generator", "fake_score"):
+        cfg = DMDConfig.model_validate(tiny_config_dict(tiny_assets, tmp_path, config="tiny_dmd.yaml"))
+        n, rng = len(batch["x"]), np.random.default_rng(1)
+        batch.update({k: batch["x"] for k in ("xi", "x_t", "xi_back", "v_real", "v_fake", "v_target", "xi_1", "xi_2")},
+                     step_idx=np.arange(n) % 4, sigma_t=rng.uniform(0.1, 0.9, n).astype(np.float32),
+                     fm_weight=np.ones(n, np.float32), sigma_c=rng.uniform(0.0, 0.1, n).astype(np.float32))
+        objective = (DMDTrainer.make_objective(cfg) if kind == "dmd_generator"
+                     else ACFakeScore(cfg.sampling.noise_level, cfg.dmd.consistency_weight))
+    elif kind == "grpo":
         raw = {k: raw[k] for k in ("seed", "output_dir", "model", "student", "sampling", "data", "learner")}
         raw.update(rewards=[{"name": "brightness"}], grpo={"beta": 0.04})
         cfg = GRPOConfig.model_validate(raw)
@@ -38,7 +50,7 @@ def test_a_learner_step_stays_on_the_model_device(tiny_assets, tmp_path, kind):
         cfg = OPDConfig.model_validate(raw)
         objective = OPDTrainer.make_objective(cfg)
     learner = Learner(cfg, objective, device="meta")
-    terms, grad_norm = learner.step(_batch(tiny_assets, pg=kind == "policy_gradient", grpo=kind == "grpo"), 6)
+    terms, grad_norm = learner.step(batch, 6)
     assert grad_norm.device.type == "meta" and terms and all(t.device.type == "meta" for t in terms.values())
 
 
