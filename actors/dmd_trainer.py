@@ -89,11 +89,10 @@ class DMDTrainer(Trainer):
             p = dict(p, prompt_idx=p["prompt_idx"] + offset)
             offset += len(p["embeds"])
             for k, v in p.items():
-                if k in PER_STATE or k in ("x_s", "embeds", "pooled"):
+                if k in PER_STATE or k in ("embeds", "pooled"):
                     merged.setdefault(k, []).append(v)
         out = {k: np.concatenate(v) for k, v in merged.items()}
         out.update({k: parts[0][k] for k in ("neg_embeds", "neg_pooled")})
-        out["tasks"] = np.asarray([records[i // G].task for i in ids])
         return out
 
     def train_step(self) -> dict:

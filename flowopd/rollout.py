@@ -108,7 +108,7 @@ def ac_states(model, embeds, pooled, sigmas, eta: float, stop: int, latent_shape
     n = _randn(latent_shape, gens, device)
     xi_back = _randn(latent_shape, gens, device) if s > 0 else torch.zeros_like(x)
     step_back = torch.stack([torch.randint(1, consistency_step + 1, (), generator=g, device=device) for g in gens])
-    return {"x": x_k, "xi": xi, "x_s": x, "x_t": renoise(x, s, sigma_t, n), "sigma_t": sigma_t, "xi_back": xi_back,
+    return {"x": x_k, "xi": xi, "x_t": renoise(x, s, sigma_t, n), "sigma_t": sigma_t, "xi_back": xi_back,
             "v_target": ambient_velocity(x, s, sigma_t, n), "fm_weight": fm_weight(s, sigma_t),
             "sigma_c": (sigma_t - step_back / 1000).clamp(min=0), "xi_1": _randn(latent_shape, gens, device),
             "xi_2": _randn(latent_shape, gens, device)}

@@ -68,7 +68,9 @@ def write_report(cfg: EvalConfig, path: Path, minutes: float) -> Path:
     res = Results(eval_dir, task_columns(cfg, summary))
     names = list(cfg.models)
     reference, rows = names[0], table_rows(res, names)
-    lines = [f"# Few-step generators ({minutes:.0f} min)\n",
+    metrics = Path(cfg.output_dir).parent / "ac_dmd" / "metrics.jsonl"
+    trained = sum(json.loads(x)["time"]["total"] for x in metrics.read_text().splitlines()) / 60 if metrics.exists() else 0
+    lines = [f"# Few-step generators (training {trained:.0f} min, this run {minutes:.0f} min)\n",
              "Held-out prompts × seeds per task: " + ", ".join(
                  f"{t} {len(res.scores(reference, t)[0])}" for t in res.tasks) + "; each model with its own sampler "
              "(see index.json); mean ± 95% CI half-width.\n", markdown_table(res.tasks, rows),
