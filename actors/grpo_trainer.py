@@ -65,6 +65,7 @@ class GRPOTrainer(Trainer):
             jobs = self.rewards.submit(ro["images"], [r.prompt for r in recs], [r.metadata for r in recs],
                                        [r.task for r in recs])
             queued.append((ids, ro, recs, jobs))
+        queued.sort(key=lambda q: q[0][0])  # in prompt order, not finishing order: the batch is reproducible
         parts, scores, tasks, groups = [], [], [], []
         n_samples = 0
         for ids, ro, recs, jobs in queued:

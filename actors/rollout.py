@@ -16,7 +16,17 @@ from flowopd.models import (
     resolve_device,
     resolve_dtype,
 )
-from flowopd.rollout import ac_states, initial_generators, sample_generators, sample_trajectories, sde_schedule
+from flowopd.rollout import (
+    RENOISE_STREAM,
+    SHARED_STREAM,
+    ac_states,
+    group_generators,
+    initial_generators,
+    renoised,
+    sample_generators,
+    sample_trajectories,
+    sde_schedule,
+)
 
 
 class RolloutWorker:
@@ -67,10 +77,12 @@ class RolloutWorker:
                 yield decode_images(self.pipe, final)
 
     def _sample(self, step: int, prompts: list[str], prompt_ids: list[int],
-                samples: list[tuple[int, int]] | None = None) -> tuple[dict, torch.Tensor]:
+                samples: list[tuple[int, int]] | None = None, trained: list[int] | None = None,
+                shared: tuple[int, ...] = ()) -> tuple[dict, torch.Tensor]:
         """The states of the given samples (default: all G of every prompt; see `rollout`) and their final
         latents. A sample's noise depends on its prompt id and index only, so any split of a step's samples
-        gives the same states."""
+        gives the same states. `trained` replaces the schedule's trained steps; the steps in `shared` draw
+        noise shared by the samples of a prompt."""
         cfg, sc = self.cfg, self.cfg.sampling
         G, dev = cfg.data.group_size, self.device
         embeds, pooled = encode_prompts(self.pipe, prompts, cfg.model.max_sequence_length)
@@ -79,7 +91,8 @@ class RolloutWorker:
             samples = [(p, k) for p in range(len(prompts)) for k in range(G)]
         sample_prompt, index = np.asarray(samples, dtype=int).reshape(-1, 2).T
         sample_ids = np.asarray(prompt_ids)[sample_prompt] * G + index
-        stochastic, trained = sde_schedule(sc.num_steps, sc, cfg.seed, step)
+        stochastic, scheduled = sde_schedule(sc.num_steps, sc, cfg.seed, step)
+        trained = scheduled if trained is None else trained
         outs = []
         bs = cfg.rollout.batch_size
         for i in range(0, len(sample_prompt), bs):
@@ -89,7 +102,7 @@ class RolloutWorker:
                 self.model, embeds[pi].to(dev), pooled[pi].to(dev), self.neg[0].to(dev), self.neg[1].to(dev),
                 self.sigmas, sc.noise_level, sc.guidance, self.latent_shape, sample_generators(cfg.seed, step, ids, dev),
                 trained, autocast, stochastic, initial_generators(cfg.seed, step, ids, G, sc.same_latent, dev),
-                sc.sampler))
+                sc.sampler, shared, group_generators(cfg.seed, step, ids, G, SHARED_STREAM, dev) if shared else None))
         x, x_next, logp = (torch.cat([o[k] for o in outs], dim=1) for k in range(3))
         J, B = x.shape[:2]
         step_idx = np.repeat(np.asarray(trained), B)
@@ -98,13 +111,30 @@ class RolloutWorker:
             "x": x.flatten(0, 1).cpu().numpy(), "x_next": x_next.flatten(0, 1).cpu().numpy() if pg else None,
             "logp_old": logp.flatten().cpu().numpy() if pg else None,
             "step_idx": step_idx, "prompt_idx": np.tile(sample_prompt, J),
-            "sample_idx": np.tile(np.arange(B), J), "sample_prompt": sample_prompt,
+            "sample_idx": np.tile(np.arange(B), J), "sample_prompt": sample_prompt, "sample_id": sample_ids,
             "sigma": self.sigmas[step_idx].numpy(),
             "embeds": embeds.numpy(), "pooled": pooled.numpy(),
             "neg_embeds": self.neg[0].numpy(), "neg_pooled": self.neg[1].numpy(),
             "version": self.version,
         }
         return ro, torch.cat([o[3] for o in outs])
+
+    def rtdmd_rollout(self, step: int, version: int, lora: dict, prompts: list[str], prompt_ids: list[int],
+                      decode: bool, trained: list[int], consistency_step: int, fake_updates: int) -> dict:
+        """RTDMD stage 2's rollout: G CPS samples per prompt with their states at the `trained` (SubGRPO) steps
+        and at the deterministic last step; the other stochastic steps draw noise shared within each prompt's
+        group. With the images, the final samples renoised (`renoised`, s = 0) `fake_updates` times for the fake
+        score's updates (`fake`) and once for the last step's real and fake labels (`label`)."""
+        self.set_weights(version, lora)
+        cfg, last = self.cfg, self.cfg.sampling.num_steps - 1
+        shared = tuple(j for j in range(last) if j not in trained)
+        ro, final = self._sample(step, prompts, prompt_ids, trained=[*trained, last], shared=shared)
+        ro["images"] = decode_images(self.pipe, final) if decode else None
+        gens = sample_generators(cfg.seed, step, RENOISE_STREAM + ro["sample_id"], self.device)
+        with torch.no_grad():
+            draws = [renoised(final, 0.0, gens, consistency_step) for _ in range(fake_updates + 1)]
+        as_np = [{k: v.cpu().numpy() for k, v in d.items()} for d in draws]
+        return {**ro, "fake": as_np[:fake_updates], "label": as_np[fake_updates]}
 
     def ac_rollout(self, key: int, version: int, lora: dict, prompts: list[str], sample_ids: list[int], stop: int,
                    consistency_step: int) -> dict:

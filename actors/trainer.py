@@ -303,13 +303,15 @@ class Trainer(ABC):
         self._step_end = timer.end
         return t
 
-    def rollouts(self, records, step: int, timer: "StepTimer", decode: bool = False):
+    def rollouts(self, records, step: int, timer: "StepTimer", decode: bool = False, method: str = "rollout",
+                 **kwargs):
         """Start every worker on its share of the prompts with the current weights; yield (prompt ids,
-        rollout) as each finishes, so labelling or scoring overlaps the rollouts still running."""
+        rollout) as each finishes, so labelling or scoring overlaps the rollouts still running. `method` names
+        the workers' rollout method (`kwargs` go to it)."""
         version = self.step_done
         shards = np.array_split(np.arange(len(records)), len(self.workers))
-        pending = {w.rollout.remote(step, version, self.lora_ref, [records[i].prompt for i in ids], ids.tolist(),
-                                    decode): ids
+        pending = {getattr(w, method).remote(step, version, self.lora_ref, [records[i].prompt for i in ids],
+                                             ids.tolist(), decode, **kwargs): ids
                    for w, ids in zip(self.workers, shards) if len(ids)}
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)

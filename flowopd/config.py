@@ -262,6 +262,24 @@ def check_unique_labels(field: str, specs: list[RewardSpec]) -> None:
         raise ValueError(f"{field}: labels must be unique, got {keys} (set `label`)")
 
 
+class Rewarded:
+    """A job trained on the scores of its `rewards` (reward actor pools): every prompt's task needs one."""
+
+    def actor_groups(self) -> dict[str, tuple[Resources, int]]:
+        return {**reward_groups(self.rewards), **super().actor_groups()}
+
+    def reward_specs(self) -> list[RewardSpec]:
+        return self.rewards
+
+    def task_problem(self, task: str) -> str | None:
+        if not any(spec.applies_to(task) for spec in self.rewards):
+            return "has no reward (set `tasks` of a reward under `rewards` to include it)"
+        return None
+
+    def rewards_line(self) -> str:
+        return "rewards: " + ", ".join(f"{r.key} x{r.weight:g} on {r.tasks or 'all tasks'}" for r in self.rewards)
+
+
 class OPDRollout(RolloutConfig):
     # overlap: each worker streams its samples in micro-groups of at most `micro_group` samples of one task;
     # each is labelled by its teachers and its gradient accumulated by the learner ranks as soon as it
@@ -347,7 +365,7 @@ class GRPOLearner(LearnerConfig):
 MIN_SAMPLES_PER_UPDATE = 256  # below this a GRPO update on a sparse reward is mostly noise
 
 
-class GRPOConfig(JobConfig):
+class GRPOConfig(Rewarded, JobConfig):
     """Stage 1 (one reward: a teacher) or GRPO-Mix (several rewards, weighted sum or alternating data)."""
     rewards: list[RewardSpec] = Field(min_length=1)
     grpo: GRPOSettings = GRPOSettings()
@@ -355,20 +373,9 @@ class GRPOConfig(JobConfig):
     learner: GRPOLearner = GRPOLearner()
     export_dir: str | None = None
 
-    def actor_groups(self) -> dict[str, tuple[Resources, int]]:
-        return {**reward_groups(self.rewards), **super().actor_groups()}
-
-    def reward_specs(self) -> list[RewardSpec]:
-        return self.rewards
-
-    def task_problem(self, task: str) -> str | None:
-        if not any(spec.applies_to(task) for spec in self.rewards):
-            return "has no reward (set `tasks` of a reward under `rewards` to include it)"
-        return None
-
     def plan(self) -> list[str]:
         n = self.samples_per_update()
-        return ["rewards: " + ", ".join(f"{r.key} x{r.weight:g} on {r.tasks or 'all tasks'}" for r in self.rewards),
+        return [self.rewards_line(),
                 f"{n:g} samples per optimizer step (Flow-GRPO: 576)" + (
                     f"; below {MIN_SAMPLES_PER_UPDATE} a GRPO update on a sparse reward is mostly noise: raise "
                     f"data.prompts_per_step or lower grpo.minibatches" if n < MIN_SAMPLES_PER_UPDATE else "")]
@@ -454,6 +461,70 @@ class DMDConfig(JobConfig):
         """This config as the fake score's learners see it: their own learner group and LoRA."""
         return self.model_copy(update={"learner": self.fake.learner, "student": self.student.model_copy(
             update={"init_adapter": self.fake.init_adapter})})
+
+
+class BackpropSettings(Strict):
+    """Reward back-propagation through the generator's deterministic last step (RTDMD stage 2)."""
+    reward: str  # the label of a reward under `rewards` that implements `differentiable`
+    margin: float = 3.0  # loss scale * relu(margin - r)
+    scale: float = Field(1e-4, gt=0)
+
+
+class RTDMDSettings(Strict):
+    """RTDMD stage 2; defaults are the released SD3.5-M config's."""
+    # SubGRPO: `train_steps` of the stochastic steps train_range[0] .. train_range[1] (inclusive) are trained
+    # each step (drawn per step); the other stochastic steps draw noise shared by the samples of a prompt
+    train_range: tuple[int, int] = (0, 2)
+    train_steps: int = Field(2, gt=0)
+    clip_range: float = Field(1e-5, gt=0)
+    adv_clip: float = Field(5.0, gt=0)
+    dmd_weight: float = Field(1e-3, ge=0)  # the AC-DMD loss on the deterministic last step
+    backprop: BackpropSettings | None = None
+    fake_updates: int = Field(1, ge=0)  # fake-score updates per step, on that step's final samples
+    # Flow-GRPO's EMA schedule for the exported generator: decay min((1+s)/(10+s), ema_decay) every `ema_every`
+    # optimizer steps; null turns it off
+    ema_decay: float | None = Field(0.9, gt=0, lt=1)
+    ema_every: int = Field(8, gt=0)
+
+
+class RTDMDData(DataConfig):
+    prompts_per_step: int = Field(6, gt=0)  # x group_size 24 = the released 144 samples per rank and step
+
+
+class RTDMDConfig(Rewarded, DMDConfig):
+    """RTDMD stage 2: the few-step generator of AC-DMD (`student.init_adapter`, its fake score
+    `fake.init_adapter`) tilted toward `rewards`: SubGRPO on its stochastic steps, and on its deterministic last
+    step the AC-DMD loss (weight `rtdmd.dmd_weight`) plus, optionally, reward back-propagation."""
+    data: RTDMDData
+    learner: LearnerConfig = LearnerConfig(lr=3e-6, weight_decay=1e-4)
+    rewards: list[RewardSpec] = Field(min_length=1)
+    rtdmd: RTDMDSettings = RTDMDSettings()
+
+    @model_validator(mode="after")
+    def _rtdmd(self):
+        check_unique_labels("rewards", self.rewards)
+        lo, hi = self.rtdmd.train_range
+        last = self.sampling.num_steps - 1  # the deterministic step, to sigma 0
+        if not 0 <= lo <= hi < last:
+            raise ValueError(f"rtdmd.train_range: must lie within the stochastic steps 0 .. {last - 1}, got {lo} .. {hi}")
+        if self.rtdmd.train_steps > hi - lo + 1:
+            raise ValueError(f"rtdmd.train_steps: {self.rtdmd.train_steps} steps do not fit in train_range {lo} .. {hi}")
+        bp = self.rtdmd.backprop
+        if bp is not None and bp.reward not in [r.key for r in self.rewards]:
+            raise ValueError(f"rtdmd.backprop.reward: {bp.reward!r} is not a reward label under `rewards` "
+                             f"(labels: {[r.key for r in self.rewards]})")
+        return self
+
+    def needs_transitions(self) -> bool:
+        return True
+
+    def plan(self) -> list[str]:
+        r, sc = self.rtdmd, self.sampling
+        bp = r.backprop
+        return [f"generator: {sc.num_steps}-step CPS (eta {sc.noise_level:g}); SubGRPO on {r.train_steps} of steps "
+                f"{list(range(r.train_range[0], r.train_range[1] + 1))}; last step: AC-DMD x{r.dmd_weight:g}"
+                + (f" + reward back-propagation of {bp.reward} (margin {bp.margin:g}, scale {bp.scale:g})" if bp else ""),
+                self.rewards_line()]
 
 
 class SamplingOverride(Strict):

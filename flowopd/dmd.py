@@ -3,9 +3,10 @@ formula). A generator step ends at s (its CPS output x_s); its distribution is c
 noise levels above s: x_s is re-noised along the ambient path to sigma_t in (s, 1], where the teacher (the real
 score) and a fake score trained online on the generator's samples both predict; the difference of their
 predictions, mapped back to s, is the generator's gradient. Everything here is fp32 except where noted."""
+import numpy as np
 import torch
 
-from .flow import cps_step, per_sample
+from .flow import cps_coefficients, cps_logprob, cps_step, per_sample
 
 TIME_OFFSET = 0.01  # sigma_t is drawn from [s + 0.01, 1] ...
 TIME_RANGE = (0.02, 0.98)  # ... and clamped here (the released code's timesteps 10, 20 and 980)
@@ -85,3 +86,32 @@ def dmd_loss(x_s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-state 0.5 mean_dims(x_s - SG(x_s - g))^2, whose gradient on x_s is g / dims (in float64, as released)."""
     x = x_s.double()
     return (0.5 * ((x - (x - g.double()).detach()) ** 2).flatten(1).mean(1)).float()
+
+
+# RTDMD stage 2: the generator trained on a reward (GRPO on a subset of its stochastic steps; reward
+# back-propagation through its deterministic last step) while the AC-DMD loss keeps it near the teacher.
+
+def subgrpo_steps(seed: int, step: int, first: int, last: int, count: int) -> list[int]:
+    """SubGRPO's trained steps for one training step: `count` distinct step indices drawn from first .. last
+    (inclusive), the same for every worker (keyed by (seed, step)), sorted."""
+    rng = np.random.default_rng([seed, step, 0x5B6])
+    return sorted(int(j) for j in rng.choice(np.arange(first, last + 1), size=count, replace=False))
+
+
+def cps_policy_loss(v: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor, logp_old: torch.Tensor,
+                    adv: torch.Tensor, sigma, sigma_next, eta: float, clip_range: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-state clipped-ratio policy loss of a CPS transition x -> x' (RTDMD's SubGRPO):
+    max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = exp(logp - logp_old) with the CPS log-prob
+    -mean_dims(x' - mean_theta)^2. Returns (loss, rho)."""
+    a, b, _ = cps_coefficients(per_sample(sigma, x), per_sample(sigma_next, x), eta)
+    mean = a * x.float() + b * v.float()
+    ratio = torch.exp(cps_logprob(x_next, mean) - logp_old)
+    adv = adv.float()
+    return torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)), ratio.detach()
+
+
+def reward_bp_loss(reward: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
+    """Per-sample reward back-propagation loss scale * relu(margin - r): a hinge that stops pushing a sample
+    once its (differentiable) reward exceeds the margin."""
+    return scale * torch.relu(margin - reward)

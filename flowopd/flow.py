@@ -92,9 +92,14 @@ def cps_step(x, v, sigma, sigma_next, eta: float, noise=None, generator=None):
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     x_next = mean + rho * noise
-    # a deterministic transition (rho = 0, the step to sigma' = 0) has log-prob 0, as the ODE step's
-    logp = gaussian_logprob(x_next, mean, rho.clamp(min=1e-12).expand_as(x))
-    return x_next, mean, torch.where(rho.expand_as(x).flatten(1)[:, 0] > 0, logp, torch.zeros_like(logp))
+    return x_next, mean, cps_logprob(x_next, mean)
+
+
+def cps_logprob(x_next: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """RTDMD's log-"probability" of a CPS transition: -mean_dims (x' - mean)^2, without the Gaussian's
+    variance and constants (as released). Only ratios of it enter a loss, and its scale is the per-step
+    weight of the policy gradient; a deterministic transition (x' = mean) scores 0, as the ODE step."""
+    return -((x_next.detach().float() - mean.float()) ** 2).flatten(1).mean(1)
 
 
 def kl_weights(sigmas: torch.Tensor, noise_level: float, exact: bool = True) -> torch.Tensor:

@@ -324,13 +324,24 @@ class ModelBank:
             yield self.base
 
 
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> float images (N, 3, H, W) in [0, 1] through the VAE; differentiable in the latents (the
+    clamp passes no gradient outside [0, 1], as in the released reward back-propagation)."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
 @torch.no_grad()
 def decode_images(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> np.ndarray:
     """Latents -> uint8 images (N, H, W, 3) through the pipeline's VAE."""
-    vae = pipe.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    images = vae.decode(z, return_dict=False)[0].float()
-    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    images = decode_latents(pipe.vae, latents)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def load_vae(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> AutoencoderKL:
+    """The frozen VAE of a pipeline directory (for learners that decode, e.g. reward back-propagation)."""
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype, local_files_only=True)
+    return vae.to(device).requires_grad_(False).eval()
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft's two formats, preferred first

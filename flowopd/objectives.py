@@ -10,9 +10,18 @@ from collections.abc import Callable
 
 import torch
 
-from .dmd import consistency_loss, denoised, dmd_direction, dmd_loss, fake_score_loss
+from .dmd import (
+    consistency_loss,
+    cps_policy_loss,
+    denoised,
+    dmd_direction,
+    dmd_loss,
+    fake_score_loss,
+    reward_bp_loss,
+)
 from .flow import cps_step, kl_weights, opd_loss, opd_pg_loss, sde_std
 from .grpo import grpo_loss
+from .models import decode_latents, load_vae
 
 
 class Objective(ABC):
@@ -158,3 +167,65 @@ class ACFakeScore(Objective):
             out["consistency"] = consistency_loss(anchor, *h)
             loss = loss + self.consistency * out["consistency"]
         return loss, out
+
+
+class RewardBackprop:
+    """Reward back-propagation through the decoder: the generator's last output x0_hat is decoded by the
+    frozen VAE of `base` and scored by a differentiable reward (`make_reward()` builds it in the learner's
+    process: the objective travels to the learners before anything heavy is loaded);
+    loss scale * relu(margin - r)."""
+
+    def __init__(self, base: str, make_reward: Callable, margin: float, scale: float):
+        self.base, self.make_reward, self.margin, self.scale = base, make_reward, margin, scale
+        self.vae = self.reward = None
+
+    def load(self, device) -> None:
+        self.vae, self.reward = load_vae(self.base, device=device), self.make_reward()
+
+    def __call__(self, x0: torch.Tensor, prompts: list[str], metadata: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample loss, reward) of the latents `x0`."""
+        r = self.reward.differentiable(decode_latents(self.vae, x0), prompts, metadata).float()
+        return reward_bp_loss(r, self.margin, self.scale), r.detach()
+
+
+class RTDMDGenerator(Objective):
+    """RTDMD stage 2 on the states of a CPS rollout. A state at a SubGRPO step: the clipped policy loss of its
+    stored transition, with its sample's advantage. A state at the deterministic last step (to sigma 0):
+    `dmd_weight` x the AC-DMD loss on x0_hat = x - sigma v (real and fake scores at its renoised state, as in
+    ACDMDGenerator), plus, with `backprop`, the reward back-propagation loss on the decoded x0_hat. No CFG."""
+
+    def __init__(self, sigmas, eta: float, clip_range: float, dmd_weight: float,
+                 backprop: RewardBackprop | None = None):
+        self.sigmas, self.eta, self.clip_range = sigmas.float(), eta, clip_range
+        self.dmd_weight, self.backprop = dmd_weight, backprop
+
+    def to(self, device) -> "RTDMDGenerator":
+        super().to(device)
+        if self.backprop is not None and self.backprop.vae is None:
+            self.backprop.load(device)
+        return self
+
+    def __call__(self, v, batch, sl, j, reference, student):
+        sigma, sigma_next, x = self.sigmas[j], self.sigmas[j + 1], batch["x"][sl]
+        pg, ratio = cps_policy_loss(v, x, batch["x_next"][sl], batch["logp_old"][sl], batch["adv"][sl], sigma,
+                                    sigma_next, self.eta, self.clip_range)
+        last = sigma_next == 0
+        zero = torch.zeros_like(pg)
+        out = {"policy_loss": torch.where(last, zero, pg), "ratio": ratio, "dmd_loss": zero, "bp_reward": zero}
+        loss = out["policy_loss"]
+        rows = torch.nonzero(last).squeeze(1)
+        if len(rows):
+            x0 = denoised(x[rows], v[rows], sigma[rows])
+            label = {k: batch[k][sl][rows] for k in ("x_t", "sigma_t", "v_real", "v_fake")}
+            g = dmd_direction(x0.detach(), label["x_t"], label["sigma_t"], 0.0, label["v_real"], label["v_fake"],
+                              self.eta, torch.zeros_like(x0))
+            dmd = dmd_loss(x0, g)
+            last_loss = self.dmd_weight * dmd
+            out["dmd_loss"] = zero.index_put((rows,), dmd.detach())
+            if self.backprop is not None:
+                pi = batch["prompt_idx"][sl][rows].tolist()
+                bp, r = self.backprop(x0, [batch["prompts"][i] for i in pi], [batch["metadata"][i] for i in pi])
+                last_loss = last_loss + bp
+                out["bp_reward"] = zero.index_put((rows,), r)
+            loss = loss.index_put((rows,), last_loss)
+        return loss, {**out, "loss": loss.detach()}

@@ -18,6 +18,8 @@ def sample_generators(seed: int, step: int, sample_ids, device) -> list[torch.Ge
 
 
 GROUP_STREAM = 1 << 48  # keys of the per-group initial-noise generators lie above every sample id
+SHARED_STREAM = 2 << 48  # keys of the per-group generators of the shared step noise (SubGRPO)
+RENOISE_STREAM = 3 << 48  # keys of the per-sample generators that renoise finished samples (RTDMD)
 
 
 def initial_generators(seed: int, step: int, sample_ids, group_size: int, same_latent: bool, device):
@@ -25,7 +27,13 @@ def initial_generators(seed: int, step: int, sample_ids, group_size: int, same_l
     (sample id // group_size), keyed apart from every sample's own stream."""
     if not same_latent:
         return None
-    return sample_generators(seed, step, [GROUP_STREAM + int(sid) // group_size for sid in sample_ids], device)
+    return group_generators(seed, step, sample_ids, group_size, GROUP_STREAM, device)
+
+
+def group_generators(seed: int, step: int, sample_ids, group_size: int, stream: int, device):
+    """One generator per prompt group (sample id // group_size) in `stream`: every sample of a group draws
+    the same numbers."""
+    return sample_generators(seed, step, [stream + int(sid) // group_size for sid in sample_ids], device)
 
 
 def sde_schedule(num_steps: int, sampling, seed: int, step: int) -> tuple[list[int], list[int]]:
@@ -50,13 +58,15 @@ def _randn(shape, gens, device):
 @torch.no_grad()
 def sample_trajectories(model, embeds, pooled, neg_embeds, neg_pooled, sigmas, noise_level, guidance,
                         latent_shape, gens, train_steps=(), autocast_dtype=None, stochastic_steps=None,
-                        init_gens=None, sampler: str = "sde"):
+                        init_gens=None, sampler: str = "sde", shared_steps=(), shared_gens=None):
     """Run the sampler for a batch; return the states (J, B, ...) at the steps in `train_steps` (in that
     order), the sampled next states, their log-probs under the sampling policy, and the final latents.
 
     Steps in `stochastic_steps` (default: all) take the SDE step with `noise_level`, the others the ODE
     step; `init_gens` (default: `gens`) draw the initial noise. sampler "cps" takes RTDMD's CPS step with
-    eta = noise_level instead (its last step, to sigma 0, is deterministic)."""
+    eta = noise_level instead (its last step, to sigma 0, is deterministic). Steps in `shared_steps` draw
+    their noise from `shared_gens` (one per prompt group: the group's samples share it, as RTDMD's untrained
+    stochastic steps do)."""
     device = embeds.device
     std = sde_std(sigmas, noise_level)
     if stochastic_steps is not None:
@@ -68,7 +78,8 @@ def sample_trajectories(model, embeds, pooled, neg_embeds, neg_pooled, sigmas, n
     for j in range(len(sigmas) - 1):
         v = velocity(model, x, sigmas[j], embeds, pooled, neg_embeds, neg_pooled, guidance, autocast_dtype)
         last_cps = sampler == "cps" and sigmas[j + 1] == 0  # deterministic: draws nothing
-        noise = _randn(latent_shape, gens, device) if std[j] > 0 and not last_cps else None
+        noise = (_randn(latent_shape, shared_gens if j in shared_steps else gens, device)
+                 if std[j] > 0 and not last_cps else None)
         if sampler == "cps":
             eta = noise_level if std[j] > 0 else 0.0
             x_next, _, logp = cps_step(x, v, sigmas[j].item(), sigmas[j + 1].item(), eta, noise=noise)
@@ -91,24 +102,29 @@ def _uniform(gens, device) -> torch.Tensor:
 def ac_states(model, embeds, pooled, sigmas, eta: float, stop: int, latent_shape, gens, consistency_step: int,
               autocast_dtype=None) -> dict[str, torch.Tensor]:
     """AC-DMD's states for a batch: the generator (no CFG) takes its first `stop` CPS steps; the last one, from
-    `x` at sigma_{stop-1} with noise `xi`, is the step the gradient goes through, and its output `x_s` at
-    s = sigma_stop is renoised along the ambient path to `x_t` at sigma_t ~ U[s + 0.01, 1] (clamped). Also
-    drawn: the shared noise `xi_back` that maps the scores' predictions back to s, the fake score's target
-    `v_target` and weight, and its consistency move (level `sigma_c` = sigma_t - d/1000, d ~ U{1..
-    consistency_step}, noises `xi_1`, `xi_2`). Every draw comes from the sample's own generator, in a fixed
-    order."""
+    `x` at sigma_{stop-1} with noise `xi`, is the step the gradient goes through, and its output at s =
+    sigma_stop is `renoised`. Every draw comes from the sample's own generator, in a fixed order."""
     device = embeds.device
     x = _randn(latent_shape, gens, device)
     for k in range(stop):
         v = velocity(model, x, sigmas[k], embeds, pooled, None, None, 1.0, autocast_dtype)
         xi = _randn(latent_shape, gens, device) if sigmas[k + 1] > 0 else torch.zeros_like(x)
         x_k, x = x, cps_step(x, v, sigmas[k].item(), sigmas[k + 1].item(), eta, noise=xi)[0]
-    s = sigmas[stop].item()
+    return {"x": x_k, "xi": xi, **renoised(x, sigmas[stop].item(), gens, consistency_step)}
+
+
+def renoised(x_s: torch.Tensor, s: float, gens, consistency_step: int) -> dict[str, torch.Tensor]:
+    """A generator's output `x_s` at level s, renoised along the ambient path to `x_t` at sigma_t ~ U[s + 0.01,
+    1] (clamped), with the draws the AC-DMD losses need: the shared noise `xi_back` that maps the scores'
+    predictions back to s, the fake score's target `v_target` and weight, and its consistency move (level
+    `sigma_c` = sigma_t - d/1000, d ~ U{1..consistency_step}, noises `xi_1`, `xi_2`); from the samples' own
+    generators, in a fixed order."""
+    device, shape = x_s.device, x_s.shape[1:]
     sigma_t = renoise_sigma(s, _uniform(gens, device))
-    n = _randn(latent_shape, gens, device)
-    xi_back = _randn(latent_shape, gens, device) if s > 0 else torch.zeros_like(x)
+    n = _randn(shape, gens, device)
+    xi_back = _randn(shape, gens, device) if s > 0 else torch.zeros_like(x_s)
     step_back = torch.stack([torch.randint(1, consistency_step + 1, (), generator=g, device=device) for g in gens])
-    return {"x": x_k, "xi": xi, "x_t": renoise(x, s, sigma_t, n), "sigma_t": sigma_t, "xi_back": xi_back,
-            "v_target": ambient_velocity(x, s, sigma_t, n), "fm_weight": fm_weight(s, sigma_t),
-            "sigma_c": (sigma_t - step_back / 1000).clamp(min=0), "xi_1": _randn(latent_shape, gens, device),
-            "xi_2": _randn(latent_shape, gens, device)}
+    return {"x_t": renoise(x_s, s, sigma_t, n), "sigma_t": sigma_t, "xi_back": xi_back,
+            "v_target": ambient_velocity(x_s, s, sigma_t, n), "fm_weight": fm_weight(s, sigma_t),
+            "sigma_c": (sigma_t - step_back / 1000).clamp(min=0), "xi_1": _randn(shape, gens, device),
+            "xi_2": _randn(shape, gens, device)}

@@ -44,7 +44,13 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
     if cfg.student.init_adapter:
         _adapter("student.init_adapter", cfg.student.init_adapter, Path(cfg.student_base()))
     _check_teachers(cfg, base, tcfg)
+    fake = getattr(cfg, "fake", None)  # distribution matching's fake score
+    if fake is not None and fake.init_adapter:
+        _adapter("fake.init_adapter", fake.init_adapter, base)
     check_reward_specs(cfg.reward_specs())
+    backprop = getattr(getattr(cfg, "rtdmd", None), "backprop", None)
+    if backprop is not None:
+        _check_differentiable(backprop.reward, next(r for r in cfg.reward_specs() if r.key == backprop.reward))
     sources = read_sources(cfg.data.sources)
     for i, (src, records) in enumerate(zip(cfg.data.sources, sources)):
         for r in records:
@@ -94,6 +100,14 @@ def check_reward_specs(specs) -> None:
             inspect.signature(cls).bind(**spec.kwargs)
         except TypeError as e:
             raise ConfigError(f"rewards[{i}].kwargs: {e} (reward {spec.name!r})") from None
+
+
+def _check_differentiable(label: str, spec) -> None:
+    from rewards.base import Reward
+    from rewards.registry import load_reward_class
+    if load_reward_class(spec.name).differentiable is Reward.differentiable:
+        raise ConfigError(f"rtdmd.backprop.reward: reward {label!r} ({spec.name}) has no differentiable form; "
+                          "back-propagation needs one (built in: brightness, world_style, clip_score, pickscore, hpsv2)")
 
 
 def _check_teachers(cfg, base: Path, tcfg: dict) -> None:

@@ -24,6 +24,12 @@ class Reward(ABC):
     def __call__(self, images, prompts, metadata) -> dict[str, np.ndarray]:
         return self.score(images, prompts, metadata)
 
+    def differentiable(self, images, prompts: list[str], metadata: list[dict]):
+        """The training reward (outputs[0]) of float images, a torch tensor (N, 3, H, W) in [0, 1], as a
+        tensor (N,) differentiable in them: what reward back-propagation needs. Optional."""
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable form (implement "
+                                  "`differentiable` to use it for reward back-propagation)")
+
 
 def check_outputs(name: str, out, n: int) -> dict[str, np.ndarray]:
     """Validate a reward's result: a dict of length-n float arrays (NaN allowed: excluded downstream)."""

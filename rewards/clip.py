@@ -66,6 +66,33 @@ class CLIPScore(Reward):
         return {self.outputs[0]: np.concatenate(out).astype(np.float64)}
 
 
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """The processor's preprocessing in torch, differentiable: float images (N, 3, H, W) in [0, 1] resized
+        (bicubic, shortest side), centre-cropped and normalised."""
+        ip = self.processor.image_processor
+        h, w = images.shape[-2:]
+        side = ip.size["shortest_edge"]
+        size = (max(side, round(h * side / w)), side) if h >= w else (side, max(side, round(w * side / h)))
+        x = torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", align_corners=False,
+                                            antialias=True)
+        ch, cw = ip.crop_size["height"], ip.crop_size["width"]
+        top, left = (x.shape[-2] - ch) // 2, (x.shape[-1] - cw) // 2
+        x = x[..., top:top + ch, left:left + cw]
+        mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (ip.image_mean, ip.image_std))
+        return (x - mean) / std
+
+    def differentiable(self, images, prompts, metadata):
+        m = self.model
+        img = m.visual_projection(m.vision_model(pixel_values=self.pixel_values(images.to(self.device))).pooler_output)
+        img = img / img.norm(dim=-1, keepdim=True)
+        with torch.no_grad():
+            text = self.processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True).to(self.device)
+            txt = m.text_projection(m.text_model(**text).pooler_output)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+        s = (img * txt).sum(-1)
+        return m.logit_scale.exp() * s if self.scale else s
+
+
 class PickScore(CLIPScore):
     """PickScore_v1: logit_scale x cosine(image, prompt) of the preference-tuned CLIP-H."""
 

@@ -16,6 +16,10 @@ class Brightness(Reward):
         b = images.astype(np.float64).mean(axis=(1, 2, 3)) / 255.0
         return {"brightness": 1.0 - b if self.invert else b}
 
+    def differentiable(self, images, prompts, metadata):
+        b = images.flatten(1).mean(1)
+        return 1.0 - b if self.invert else b
+
 
 class TargetColor(Reward):
     """1 - normalised distance between the image's mean colour and a target RGB colour.

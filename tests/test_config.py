@@ -211,7 +211,24 @@ def test_dmd_configs_are_the_released_few_step_setup():
     assert sum(a["GPU"] for a in requested_resources(sd35).values()) == 8  # one node
     assert _tiny("tiny_dmd.yaml", DMDConfig).fake.learner.ranks == 2
     raw = yaml.safe_load(Path("configs/world_few_step.yaml").read_text())
-    world, evaluation = configs(raw, quick=False)
+    (world, tilt), evaluation = configs(raw, quick=False)
     assert len(preflight(world)) == 3 and world.output_dir == "runs/few_step/ac_dmd"
-    assert list(evaluation.models) == ["base_20", "base_4", "ac_dmd_4"]
+    assert (tilt.student.init_adapter, tilt.fake.init_adapter) == ("runs/few_step/ac_dmd/adapter",
+                                                                   "runs/few_step/ac_dmd/fake_score")
+    assert list(evaluation.models) == ["base_20", "base_4", "ac_dmd_4", "rtdmd_4"]
     assert evaluation.models["ac_dmd_4"].adapter == "runs/few_step/ac_dmd/adapter"
+
+
+def test_rtdmd_configs_are_the_released_stage_two():
+    from actors.resources import requested_resources
+    from actors.rtdmd_trainer import RTDMDTrainer
+    from flowopd.config import RTDMDConfig
+    sd35 = load_config("configs/sd35m_rtdmd.yaml", cls=RTDMDConfig)
+    r = sd35.rtdmd
+    assert (r.train_range, r.train_steps, r.clip_range, r.dmd_weight) == ((0, 2), 2, 1e-5, 1e-3)
+    assert (r.backprop.reward, r.backprop.margin, r.backprop.scale, r.ema_decay, r.ema_every) == ("pickscore", 3.0, 1e-4, 0.9, 8)
+    assert (sd35.learner.lr, sd35.learner.weight_decay, sd35.fake.learner.lr, sd35.data.group_size) == (3e-6, 1e-4, 3e-5, 24)
+    assert sum(a.get("GPU", 0) for a in requested_resources(sd35).values()) <= 8  # one node
+    assert RTDMDTrainer.make_objective(sd35).backprop.base == sd35.model.base
+    tiny = _tiny("tiny_rtdmd.yaml", RTDMDConfig)
+    assert tiny.rtdmd.backprop.reward == "brightness" and tiny.needs_transitions()

@@ -109,16 +109,21 @@ def test_retrained_grpo_mix_has_the_shipped_settings_and_points_along_its_budget
 
 
 def test_few_step_job_trains_evaluates_and_reports(tmp_path):
-    """python -m pipelines.few_step --quick: AC-DMD for 2 steps from the shipped base, then the base at 20 and at
-    4 steps and the generator on the same held-out prompts and seeds, and a report with paired CIs."""
+    """python -m pipelines.few_step --quick: AC-DMD for 2 steps from the shipped base, RTDMD for 2 steps from its
+    exports, then the base at 20 and at 4 steps and both generators on the same held-out prompts and seeds,
+    and a report with paired CIs."""
     from pipelines import few_step
     out = tmp_path / "few"
     assert few_step.main(["--quick", "--no-progress", f"output_dir={out}"]) == 0
     report = (out / "report.md").read_text()
-    for name in ("base_20", "base_4", "ac_dmd_4"):
+    for name in ("base_20", "base_4", "ac_dmd_4", "rtdmd_4"):
         assert f"| {name} |" in report
     assert "ac_dmd_4 reaches" in report and "average: ac_dmd_4 − base_4" in report
+    assert "style: rtdmd_4 − ac_dmd_4" in report
     index = json.loads((out / "evaluate" / "index.json").read_text())
-    assert len(set(index["models"].values())) == 3  # the same base weights, three samplers
-    assert (out / "ac_dmd" / "DONE.json").exists() and (out / "ac_dmd" / "fake_score").is_dir()
+    assert len(set(index["models"].values())) == 4  # three samplers of the base weights, and the tilted generator
+    for stage in ("ac_dmd", "rtdmd"):
+        assert (out / stage / "DONE.json").exists() and (out / stage / "fake_score").is_dir()
+    tilt = json.loads((out / "rtdmd" / "metrics.jsonl").read_text().splitlines()[0])
+    assert tilt["samples"] == 16 and tilt["bp_reward"] > 0  # 4 style prompts x 4, saturation back-propagated
     assert few_step.main(["--quick", "--no-progress", f"output_dir={out}"]) == 0  # finished stages are kept

@@ -7,7 +7,8 @@ import pytest
 from actors.dmd_trainer import DMDTrainer
 from actors.grpo_trainer import GRPOTrainer
 from actors.opd_trainer import OPDTrainer
-from flowopd.config import DMDConfig, GRPOConfig, OPDConfig
+from actors.rtdmd_trainer import RTDMDTrainer
+from flowopd.config import DMDConfig, GRPOConfig, OPDConfig, RTDMDConfig
 from flowopd.learner import Learner
 from flowopd.models import encode_prompts, load_pipeline
 from flowopd.objectives import ACFakeScore
@@ -28,12 +29,23 @@ def _batch(tiny_assets, n=6, pg=False, grpo=False):
     return b
 
 
-@pytest.mark.parametrize("kind", ["analytic", "policy_gradient", "grpo", "dmd_generator", "fake_score"])
-def test_a_learner_step_stays_on_the_model_device(tiny_assets, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["analytic", "policy_gradient", "grpo", "dmd_generator", "fake_score", "rtdmd"])
+def test_a_learner_step_stays_on_the_model_device(tiny_assets, tmp_path, kind, monkeypatch):
     raw = tiny_config_dict(tiny_assets, tmp_path, **{"loss.form": kind if kind in ("analytic", "policy_gradient")
                                                      else "analytic"})
-    batch = _batch(tiny_assets, pg=kind == "policy_gradient", grpo=kind == "grpo")
-    if kind in ("dmd_generator", "fake_score"):
+    batch = _batch(tiny_assets, pg=kind == "policy_gradient", grpo=kind in ("grpo", "rtdmd"))
+    if kind == "rtdmd":  # SubGRPO states and last-step states (reward back-propagation looks up prompt text on
+        # the host, which a meta tensor cannot give)
+        import torch.fx.experimental._config as fx_config
+        monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)  # meta tensors hold no values
+        cfg = RTDMDConfig.model_validate(tiny_config_dict(tiny_assets, tmp_path, config="tiny_rtdmd.yaml",
+                                                          **{"rtdmd.backprop": None}))
+        n, rng = len(batch["x"]), np.random.default_rng(1)
+        batch.update({k: batch["x"] for k in ("x_t", "v_real", "v_fake")}, step_idx=np.arange(n) % 4,
+                     sigma_t=rng.uniform(0.1, 0.9, n).astype(np.float32), prompts=["a red cube", "a cat"],
+                     metadata=[{}, {}])
+        objective = RTDMDTrainer.make_objective(cfg)
+    elif kind in ("dmd_generator", "fake_score"):
         cfg = DMDConfig.model_validate(tiny_config_dict(tiny_assets, tmp_path, config="tiny_dmd.yaml"))
         n, rng = len(batch["x"]), np.random.default_rng(1)
         batch.update({k: batch["x"] for k in ("xi", "x_t", "xi_back", "v_real", "v_fake", "v_target", "xi_1", "xi_2")},

@@ -21,13 +21,15 @@ def _stage1_recipe(tiny_assets, out) -> dict:
     for key in ("cold_start", "opd", "opd_without_mar"):
         raw.pop(key)
     raw.update(tiny_assets=None, output_dir=str(out))
-    train = {"steps": 2, "checkpoint_every": 2}
+    train = {"steps": 1, "checkpoint_every": 1}
     raw["teachers"]["geneval_teacher"]["grpo"]["train"] = train
+    raw["teachers"]["geneval_teacher"]["grpo"]["data"]["group_size"] = 4
     raw["teachers"]["ocr_teacher"] = {"grpo": {
         "data": {"sources": [{"path": str(tiny_assets / "ocr_train.txt"), "format": "ocr"}], "prompts_per_step": 4,
-                 "group_size": 8},
+                 "group_size": 4},
         "rewards": [{"name": "contrast", "num_cpus": 0.25}], "train": train}}
-    raw["grpo_mix"]["train"] = {"steps": 4, "checkpoint_every": 4}
+    raw["grpo_mix"]["data"]["group_size"] = 4
+    raw["grpo_mix"]["train"] = {"steps": 2, "checkpoint_every": 2}  # alternate: one step on each task
     raw["cascade"] = {"order": ["geneval_teacher", "ocr_teacher"]}
     raw["evaluate"].update(samples_per_prompt={"geneval": 2, "ocr": 1}, sampling={"num_steps": 6})
     return raw
@@ -43,11 +45,11 @@ def test_stage1_trains_publishes_and_its_scores_are_reused(tiny_assets, tmp_path
     for name in man["models"]:
         assert (dest / name / "adapter_model.safetensors").exists()
     m = man["models"]
-    # budgets: each teacher 2 steps x 4 prompts x 8; the cascade spends what its two teachers spend
-    assert m["geneval_teacher"]["samples"] == m["ocr_teacher"]["samples"] == 64
-    assert m["cascade"]["samples"] == 128 and m["cascade"]["stages"] == ["cascade/1_geneval_teacher",
-                                                                        "cascade/2_ocr_teacher"]
-    assert m["grpo_mix"]["samples"] == 4 * 4 * 8
+    # budgets: each teacher 1 step x 4 prompts x 4; the cascade spends what its two teachers spend
+    assert m["geneval_teacher"]["samples"] == m["ocr_teacher"]["samples"] == 16
+    assert m["cascade"]["samples"] == 32 and m["cascade"]["stages"] == ["cascade/1_geneval_teacher",
+                                                                       "cascade/2_ocr_teacher"]
+    assert m["grpo_mix"]["samples"] == 2 * 4 * 4
     assert m["cascade"]["settings"]["cascade/2_ocr_teacher"]["student"]["init_adapter"].endswith(
         "cascade/1_geneval_teacher/adapter")
     rows = man["evaluation"]["rows"]

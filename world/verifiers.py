@@ -2,6 +2,7 @@
 (scored with GenEval's rules), a glyph reader for the bitmap font (scored with the OCR rule), and the
 style score (mean saturation). Registered in rewards/registry.py by name, so rewards/ never imports world/."""
 import numpy as np
+import torch
 
 from rewards.base import Reward
 from rewards.geneval import evaluate
@@ -114,5 +115,11 @@ class Vividness(Reward):
         mx, mn = img.max(-1), img.min(-1)
         sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-9), 0.0)
         return {"style": sat.mean(axis=(1, 2))}
+
+    def differentiable(self, images, prompts, metadata):
+        """The same saturation of float images (N, 3, H, W) in [0, 1], as a torch tensor."""
+        mx, mn = images.amax(1), images.amin(1)
+        sat = torch.where(mx > 0, (mx - mn) / mx.clamp(min=1e-9), torch.zeros_like(mx))
+        return sat.flatten(1).mean(1)
 
 
