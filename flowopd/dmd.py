@@ -6,7 +6,7 @@ predictions, mapped back to s, is the generator's gradient. Everything here is f
 import numpy as np
 import torch
 
-from .flow import cps_coefficients, cps_logprob, cps_step, per_sample
+from .flow import cps_logprob, cps_mean, cps_step, per_sample
 
 TIME_OFFSET = 0.01  # sigma_t is drawn from [s + 0.01, 1] ...
 TIME_RANGE = (0.02, 0.98)  # ... and clamped here (the released code's timesteps 10, 20 and 980)
@@ -104,9 +104,7 @@ def cps_policy_loss(v: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor, logp
     """Per-state clipped-ratio policy loss of a CPS transition x -> x' (RTDMD's SubGRPO):
     max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = exp(logp - logp_old) with the CPS log-prob
     -mean_dims(x' - mean_theta)^2. Returns (loss, rho)."""
-    a, b, _ = cps_coefficients(per_sample(sigma, x), per_sample(sigma_next, x), eta)
-    mean = a * x.float() + b * v.float()
-    ratio = torch.exp(cps_logprob(x_next, mean) - logp_old)
+    ratio = torch.exp(cps_logprob(x_next, cps_mean(x, v, sigma, sigma_next, eta)) - logp_old)
     adv = adv.float()
     return torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)), ratio.detach()
 

@@ -80,13 +80,19 @@ def cps_coefficients(sigma, sigma_next, eta: float):
     return a, b, sigma_next * r
 
 
+def cps_mean(x, v, sigma, sigma_next, eta: float) -> torch.Tensor:
+    """The CPS transition's mean a x + b v (per-sample sigmas broadcast), without a data-dependent branch."""
+    a, b, _ = cps_coefficients(per_sample(sigma, x), per_sample(sigma_next, x), eta)
+    return a * x.float() + b * v.float()
+
+
 def cps_step(x, v, sigma, sigma_next, eta: float, noise=None, generator=None):
     """One step of the CPS sampler (RTDMD's few-step sampler); returns (x_next, mean, log_prob of x_next).
     sigma' = 0 lands on x0_hat. Per-sample sigmas broadcast like `sde_step`'s."""
     x, v = x.float(), v.float()
     sigma, sigma_next = per_sample(sigma, x), per_sample(sigma_next, x)
-    a, b, rho = cps_coefficients(sigma, sigma_next, eta)
-    mean = a * x + b * v
+    rho = cps_coefficients(sigma, sigma_next, eta)[2]
+    mean = cps_mean(x, v, sigma, sigma_next, eta)
     if eta == 0 or (noise is None and not torch.any(rho > 0)):  # deterministic: nothing to draw
         return mean, mean, torch.zeros(x.shape[0], device=x.device)
     if noise is None:

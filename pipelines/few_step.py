@@ -106,10 +106,10 @@ def write_report(cfg: EvalConfig, path: Path, minutes: float) -> Path:
     res = Results(eval_dir, task_columns(cfg, summary))
     names = list(cfg.models)
     reference, rows = names[0], table_rows(res, names)
-    trained = sum(json.loads(x)["time"]["total"] for stage in ("ac_dmd", "rtdmd")
+    train_minutes = sum(json.loads(x)["time"]["total"] for stage in ("ac_dmd", "rtdmd")
                   if (metrics := Path(cfg.output_dir).parent / stage / "metrics.jsonl").exists()
                   for x in metrics.read_text().splitlines()) / 60
-    lines = [f"# Few-step generators (training {trained:.0f} min, this run {minutes:.0f} min)\n",
+    lines = [f"# Few-step generators (training {train_minutes:.0f} min, this run {minutes:.0f} min)\n",
              "Held-out prompts × seeds per task: " + ", ".join(
                  f"{t} {len(res.scores(reference, t)[0])}" for t in res.tasks) + "; each model with its own sampler "
              "(see index.json); mean ± 95% CI half-width.\n", markdown_table(res.tasks, rows),
