@@ -1,5 +1,6 @@
 """The Flow-GRPO step loop (stage 1 and GRPO-Mix): rollout -> reward actors -> group advantages -> DDP
 learn over the trained steps -> weight sync; Flow-GRPO's EMA of the LoRA weights for export."""
+from typing import NamedTuple
 
 import numpy as np
 
@@ -12,7 +13,82 @@ from .reward import RewardPools
 from .trainer import Trainer, concat_rollouts
 
 
-class GRPOTrainer(Trainer):
+class Scored(NamedTuple):
+    """A step's rollouts in prompt order with their rewards: `parts` number their samples batch-wide
+    (`state_sample`), `prompt_of_sample` indexes `prompts`, `groups` holds each sample's prompt id."""
+    parts: list[dict]
+    prompts: list
+    prompt_of_sample: np.ndarray
+    tasks: np.ndarray
+    groups: np.ndarray
+    scores: dict
+    reward: np.ndarray
+
+
+class RewardedTrainer:
+    """What the trainers that score their own rollouts share (Flow-GRPO, RTDMD): the reward block, Flow-GRPO's
+    EMA schedule for the exported weights, and the reward metrics. Needs `self.rewards` (RewardPools),
+    `self.ema` and `self.opt_steps`, and `ema_schedule` (decay or None, every)."""
+
+    ema_schedule: tuple
+
+    def score_rollouts(self, records, step: int, timer, method: str = "rollout", **kwargs) -> Scored:
+        """Roll out, scoring each worker's images as they arrive while other workers still sample; joined in
+        prompt order, not finishing order, so the batch is reproducible."""
+        queued = []
+        for ids, ro in self.rollouts(records, step, timer, True, method, **kwargs):
+            recs = [records[i] for i in ids[ro["sample_prompt"]]]
+            jobs = self.rewards.submit(ro["images"], [r.prompt for r in recs], [r.metadata for r in recs],
+                                       [r.task for r in recs])
+            queued.append((ids, ro, recs, jobs))
+        queued.sort(key=lambda q: q[0][0])
+        parts, scores, tasks, groups, prompt_of_sample, prompts = [], [], [], [], [], []
+        n_samples = 0
+        for ids, ro, recs, jobs in queued:
+            scores.append(RewardPools.collect(jobs, len(recs)))
+            tasks += [r.task for r in recs]
+            groups.append(ids[ro["sample_prompt"]])
+            prompt_of_sample.append(ro["sample_prompt"] + len(prompts))
+            parts.append(dict(ro, n_prompts=len(ids), state_sample=ro["sample_idx"] + n_samples))
+            prompts += [records[i] for i in ids]
+            n_samples += len(recs)
+        timer.lap(self.work_name)
+        merged = RewardPools.merge(scores, [len(q[2]) for q in queued])
+        tasks = np.asarray(tasks)
+        return Scored(parts, prompts, np.concatenate(prompt_of_sample), tasks, np.concatenate(groups), merged,
+                      self.rewards.combine(merged, tasks))
+
+    def start_ema(self) -> None:
+        """The EMA starts from the initial weights."""
+        if self.ema_schedule[0] is not None and self.ema is None:
+            self.ema = {k: v.copy() for k, v in self.lora.items()}
+
+    def _optimizer_step_done(self) -> None:
+        """Count the optimizer step; every `ema_every` of them, fold the new weights into the EMA."""
+        decay, every = self.ema_schedule
+        self.opt_steps += 1
+        if decay is not None and self.opt_steps % every == 0:
+            self.ema = ema_update(self.ema, self.lora, self.opt_steps, decay)
+
+    def extra_state(self) -> dict:
+        return {"optimizer_steps": self.opt_steps}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.opt_steps = state.get("optimizer_steps", 0)
+
+    @staticmethod
+    def reward_metrics(scored: Scored, adv: np.ndarray) -> dict:
+        reward = scored.reward
+        finite = np.isfinite(reward)
+        return {"samples": len(reward), "nonfinite_rewards": int((~finite).sum()),
+                "reward_mean": float(np.nanmean(reward)) if finite.any() else float("nan"),
+                "reward_per_task": RewardPools.mean_per_task(reward, scored.tasks),
+                "rewards": {k: {o: float(np.nanmean(v)) for o, v in outs.items() if np.isfinite(v).any()}
+                            for k, outs in scored.scores.items()},
+                "adv_abs_mean": float(np.nanmean(np.abs(adv))) if finite.any() else 0.0}
+
+
+class GRPOTrainer(RewardedTrainer, Trainer):
     name = "grpo"
     work_name = "score"
 
@@ -21,6 +97,10 @@ class GRPOTrainer(Trainer):
         sc, g = cfg.sampling, cfg.grpo
         return FlowGRPO(schedule_sigmas(sc.num_steps, sc.shift, sc.timesteps), sc.noise_level, g.clip_range, g.beta, sc.guidance,
                         g.detach_uncond)
+
+    @property
+    def ema_schedule(self) -> tuple:
+        return self.cfg.grpo.ema_decay, self.cfg.grpo.ema_every
 
     def start_services(self) -> dict[str, list]:
         self.rewards = RewardPools(self.cfg.rewards)
@@ -34,19 +114,6 @@ class GRPOTrainer(Trainer):
     def load_extra_adapters(self, adapters: dict) -> None:
         self.ema = adapters.get("ema")
 
-    def extra_state(self) -> dict:
-        return {"optimizer_steps": self.opt_steps}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.opt_steps = state.get("optimizer_steps", 0)
-
-    def _optimizer_step_done(self) -> None:
-        """Count the optimizer step; every `ema_every` of them, fold the new weights into the EMA."""
-        g = self.cfg.grpo
-        self.opt_steps += 1
-        if g.ema_decay and self.opt_steps % g.ema_every == 0:
-            self.ema = ema_update(self.ema, self.lora, self.opt_steps, g.ema_decay)
-
     def final_adapter(self) -> dict:
         """What to export: the EMA weights when EMA is on, else the student's."""
         return self.ema if self.ema is not None else self.lora
@@ -57,30 +124,11 @@ class GRPOTrainer(Trainer):
         timer = self.start_step()
         version = self.step_done
         records = self.sampler.draw(cfg.data.prompts_per_step)
-        if cfg.grpo.ema_decay and self.ema is None:  # the EMA starts from the initial weights
-            self.ema = {k: v.copy() for k, v in self.lora.items()}
-        queued = []
-        for ids, ro in self.rollouts(records, step, timer, decode=True):  # score while other workers still sample
-            recs = [records[i] for i in ids[ro["sample_prompt"]]]
-            jobs = self.rewards.submit(ro["images"], [r.prompt for r in recs], [r.metadata for r in recs],
-                                       [r.task for r in recs])
-            queued.append((ids, ro, recs, jobs))
-        queued.sort(key=lambda q: q[0][0])  # in prompt order, not finishing order: the batch is reproducible
-        parts, scores, tasks, groups = [], [], [], []
-        n_samples = 0
-        for ids, ro, recs, jobs in queued:
-            scores.append(RewardPools.collect(jobs, len(recs)))
-            tasks += [r.task for r in recs]
-            groups.append(ids[ro["sample_prompt"]])
-            parts.append(dict(ro, n_prompts=len(ids), state_sample=ro["sample_idx"] + n_samples))
-            n_samples += len(recs)
-        timer.lap(self.work_name)
-        tasks, groups = np.asarray(tasks), np.concatenate(groups)
-        merged = RewardPools.merge(scores, [len(q[2]) for q in queued])
-        reward = self.rewards.combine(merged, tasks)
-        adv = group_advantages(reward, groups, cfg.grpo.adv_clip)
-        keep_sample = informative_groups(adv, groups)
-        batch = concat_rollouts(parts, extra=("state_sample",))
+        self.start_ema()
+        scored = self.score_rollouts(records, step, timer)
+        adv = group_advantages(scored.reward, scored.groups, cfg.grpo.adv_clip)
+        keep_sample = informative_groups(adv, scored.groups)
+        batch = concat_rollouts(scored.parts, extra=("state_sample",))
         state_sample = batch.pop("state_sample")
         batch["adv"] = np.nan_to_num(adv[state_sample]).astype(np.float32)
         kept = np.nonzero(keep_sample[state_sample])[0]
@@ -95,26 +143,15 @@ class GRPOTrainer(Trainer):
                     first_ratio_dev = max(float(np.abs(r["ratio"] - 1).max()) for r in res)
                 results.extend(res)
         self.step_done = step
-        m = self._metrics(step, version, results, merged, tasks, reward, adv, keep_sample, groups, len(kept),
-                          self.end_step(timer))
-        if first_ratio_dev is not None:
-            m["first_ratio_dev"] = first_ratio_dev
-        return m
-
-    def _metrics(self, step, version, results, scores, tasks, reward, adv, keep, groups, n_states, t) -> dict:
-        finite = np.isfinite(reward)
-        m = {"step": step, "policy_version": version, "samples": len(reward), "states": n_states,
-             "nonfinite_rewards": int((~finite).sum()), "time": t, "states_per_s": n_states / t["total"],
-             "reward_mean": float(np.nanmean(reward)) if finite.any() else float("nan"),
-             "reward_per_task": RewardPools.mean_per_task(reward, tasks),
-             "rewards": {k: {o: float(np.nanmean(v)) for o, v in outs.items() if np.isfinite(v).any()}
-                         for k, outs in scores.items()},
-             "groups_kept": len(np.unique(groups[keep])), "groups": len(np.unique(groups)),
-             "adv_abs_mean": float(np.nanmean(np.abs(adv))) if finite.any() else 0.0}
+        groups = scored.groups
+        m = {"step": step, "policy_version": version, "states": len(kept), **self.reward_metrics(scored, adv),
+             "groups_kept": len(np.unique(groups[keep_sample])), "groups": len(np.unique(groups))}
+        t = self.end_step(timer)
+        m.update(time=t, states_per_s=len(kept) / t["total"])
         if not results:
             m.update(loss=float("nan"), skipped=True)
             return m
-        loss = np.concatenate([r["loss"] for r in results])
-        m.update(loss=float(loss.mean()), kl=float(np.concatenate([r["kl"] for r in results]).mean()),
-                 grad_norm=results[-1]["grad_norm"])
+        m.update(loss=float(np.concatenate([r["loss"] for r in results]).mean()),
+                 kl=float(np.concatenate([r["kl"] for r in results]).mean()), grad_norm=results[-1]["grad_norm"],
+                 first_ratio_dev=first_ratio_dev)
         return m

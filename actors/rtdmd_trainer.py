@@ -11,18 +11,19 @@ import ray
 
 from flowopd.dmd import subgrpo_steps
 from flowopd.flow import schedule_sigmas
-from flowopd.grpo import ema_update, group_advantages
+from flowopd.grpo import group_advantages
 from flowopd.objectives import RewardBackprop, RTDMDGenerator
 from rewards.registry import make_reward
 
 from .dmd_trainer import TEXT, DMDTrainer
+from .grpo_trainer import RewardedTrainer
 from .reward import RewardPools
 from .trainer import concat_rollouts
 
 FAKE_KEYS = ("sigma_t", "v_target", "fm_weight", "sigma_c", "xi_1", "xi_2")
 
 
-class RTDMDTrainer(DMDTrainer):
+class RTDMDTrainer(RewardedTrainer, DMDTrainer):
     name = "rtdmd"
     work_name = "score"
     extra_phases = ("fake", "label")
@@ -38,6 +39,10 @@ class RTDMDTrainer(DMDTrainer):
         return RTDMDGenerator(schedule_sigmas(sc.num_steps, sc.shift, sc.timesteps), sc.noise_level, r.clip_range,
                               r.dmd_weight, bp)
 
+    @property
+    def ema_schedule(self) -> tuple:
+        return self.cfg.rtdmd.ema_decay, self.cfg.rtdmd.ema_every
+
     def start_services(self) -> dict[str, list]:
         services = super().start_services()
         self.rewards = RewardPools(self.cfg.rewards)
@@ -49,55 +54,29 @@ class RTDMDTrainer(DMDTrainer):
         for actor in self.rewards.actors():
             ray.kill(actor)
 
-    def extra_state(self) -> dict:
-        return {"optimizer_steps": self.opt_steps}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.opt_steps = state.get("optimizer_steps", 0)
-
     def train_step(self) -> dict:
         cfg, r = self.cfg, self.cfg.rtdmd
         step = self.step_done + 1
         timer = self.start_step()
         version = self.step_done
         records = self.sampler.draw(cfg.data.prompts_per_step)
-        if r.ema_decay is not None and self.ema is None:  # the EMA starts from the initial weights
-            self.ema = {k: v.copy() for k, v in self.lora.items()}
+        self.start_ema()
         trained = subgrpo_steps(cfg.seed, step, *r.train_range, r.train_steps)
-        queued = []
-        for ids, ro in self.rollouts(records, step, timer, True, "rtdmd_rollout", trained=trained,
-                                     consistency_step=cfg.dmd.consistency_step, fake_updates=r.fake_updates):
-            recs = [records[i] for i in ids[ro["sample_prompt"]]]
-            jobs = self.rewards.submit(ro["images"], [x.prompt for x in recs], [x.metadata for x in recs],
-                                       [x.task for x in recs])
-            queued.append((ids, ro, recs, jobs))
-        queued.sort(key=lambda q: q[0][0])  # in prompt order, not finishing order: the batch is reproducible
-        parts, scores, tasks, groups, prompt_of_sample, prompts = [], [], [], [], [], []
-        n_samples = 0
-        for ids, ro, recs, jobs in queued:
-            scores.append(RewardPools.collect(jobs, len(recs)))
-            tasks += [x.task for x in recs]
-            groups.append(ids[ro["sample_prompt"]])
-            prompt_of_sample.append(ro["sample_prompt"] + len(prompts))
-            parts.append(dict(ro, n_prompts=len(ids), state_sample=ro["sample_idx"] + n_samples))
-            prompts += [records[i] for i in ids]
-            n_samples += len(recs)
-        tasks, groups, prompt_of_sample = np.asarray(tasks), np.concatenate(groups), np.concatenate(prompt_of_sample)
-        merged = RewardPools.merge(scores, [len(q[2]) for q in queued])
-        reward = self.rewards.combine(merged, tasks)
-        adv = group_advantages(reward, groups, r.adv_clip)
-        timer.lap(self.work_name)
+        scored = self.score_rollouts(records, step, timer, "rtdmd_rollout", trained=trained,
+                                     consistency_step=cfg.dmd.consistency_step, fake_updates=r.fake_updates)
+        adv = group_advantages(scored.reward, scored.groups, r.adv_clip)
+        rollouts, n_samples = scored.parts, len(scored.reward)
 
-        batch = concat_rollouts(parts, extra=("state_sample",))
+        batch = concat_rollouts(rollouts, extra=("state_sample",))
         text = {k: batch[k] for k in TEXT}
-        per_sample = {"step_idx": np.full(n_samples, cfg.sampling.num_steps - 1), "prompt_idx": prompt_of_sample}
+        per_sample = {"step_idx": np.full(n_samples, cfg.sampling.num_steps - 1), "prompt_idx": scored.prompt_of_sample}
         fm = []
         for u in range(r.fake_updates):
-            draw = {k: np.concatenate([ro["fake"][u][k] for _, ro, _, _ in queued]) for k in ("x_t", *FAKE_KEYS)}
+            draw = {k: np.concatenate([ro["fake"][u][k] for ro in rollouts]) for k in ("x_t", *FAKE_KEYS)}
             res = self.fake.train_step({**per_sample, **{k: draw[k] for k in FAKE_KEYS}, **text, "x": draw["x_t"]})
             fm.append(np.concatenate([x["fm_loss"] for x in res]))
         timer.lap("fake")
-        label = {k: np.concatenate([ro["label"][k] for _, ro, _, _ in queued]) for k in ("x_t", "sigma_t")}
+        label = {k: np.concatenate([ro["label"][k] for ro in rollouts]) for k in ("x_t", "sigma_t")}
         v_real, v_fake = self.score_labels(label, per_sample, text)
         timer.lap("label")
 
@@ -109,12 +88,12 @@ class RTDMDTrainer(DMDTrainer):
             full = np.zeros((len(state_sample), *values.shape[1:]), values.dtype)
             full[last_rows] = values[state_sample[last_rows]]
             batch[key] = full
-        batch["prompts"], batch["metadata"] = [x.prompt for x in prompts], [x.metadata for x in prompts]
+        batch["prompts"], batch["metadata"] = [x.prompt for x in scored.prompts], [x.metadata for x in scored.prompts]
         results = self.learn(batch, timer)
         if results is not None:
             self._optimizer_step_done()
         self.step_done = step
-        return self._metrics(step, version, trained, results, merged, tasks, reward, adv, fm, len(last_rows), timer)
+        return self._metrics(step, version, trained, results, scored, adv, fm, len(last_rows), timer)
 
     def score_labels(self, label: dict, per_sample: dict, text: dict) -> tuple[np.ndarray, np.ndarray]:
         """The real score (the teacher pool, with its CFG) and the fake score at the renoised final samples."""
@@ -127,22 +106,8 @@ class RTDMDTrainer(DMDTrainer):
         (v_fake,) = self.fetch([fake_ref])
         return v_real, v_fake
 
-    def _optimizer_step_done(self) -> None:
-        """Count the optimizer step; every `ema_every` of them, fold the new weights into the EMA."""
-        r = self.cfg.rtdmd
-        self.opt_steps += 1
-        if r.ema_decay is not None and self.opt_steps % r.ema_every == 0:
-            self.ema = ema_update(self.ema, self.lora, self.opt_steps, r.ema_decay)
-
-    def _metrics(self, step, version, trained, results, scores, tasks, reward, adv, fm, n_last, timer) -> dict:
-        finite = np.isfinite(reward)
-        m = {"step": step, "policy_version": version, "trained_steps": trained, "samples": len(reward),
-             "nonfinite_rewards": int((~finite).sum()),
-             "reward_mean": float(np.nanmean(reward)) if finite.any() else float("nan"),
-             "reward_per_task": RewardPools.mean_per_task(reward, tasks),
-             "rewards": {k: {o: float(np.nanmean(v)) for o, v in outs.items() if np.isfinite(v).any()}
-                         for k, outs in scores.items()},
-             "adv_abs_mean": float(np.nanmean(np.abs(adv))) if finite.any() else 0.0,
+    def _metrics(self, step, version, trained, results, scored, adv, fm, n_last, timer) -> dict:
+        m = {"step": step, "policy_version": version, "trained_steps": trained, **self.reward_metrics(scored, adv),
              "fm_loss": float(np.concatenate(fm).mean()) if fm else float("nan")}
         if results is None:
             m.update(loss=float("nan"), skipped=True)
