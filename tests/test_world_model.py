@@ -73,3 +73,21 @@ def test_train_world_writes_a_loadable_model_and_never_overwrites(tmp_path, caps
     assert train_world.main(args) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "base" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_train_world_stops_at_its_time_limit_and_resumes_exactly(tmp_path, capsys):
+    args = ["--per-task", "2", "--vae-steps", "2", "--steps", "5", "--batch-size", "4", "--checkpoint-every", "2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_world.main([*args, "--output", str(straight)]) == 0
+    assert not (straight / ".train_world").exists()  # a finished run leaves no checkpoint behind
+    assert train_world.main([*args, "--output", str(split), "--time-limit", "0"]) == 3
+    assert "--resume" in capsys.readouterr().err and not (split / "base").exists()
+    assert torch.load(split / ".train_world" / "transformer.pt", weights_only=False)["step"] == 1
+    assert train_world.main([*args, "--output", str(split)]) == 2  # neither restarted over it by accident...
+    assert "--resume" in capsys.readouterr().err
+    assert train_world.main([*args, "--output", str(split), "--resume", "--lr", "0.01"]) == 2  # ...nor changed
+    assert "--lr is 0.01" in capsys.readouterr().err
+    assert train_world.main([*args, "--output", str(split), "--resume"]) == 0
+    for f in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (straight / "base" / f).read_bytes() == (split / "base" / f).read_bytes(), f
+    assert not (split / ".train_world").exists()

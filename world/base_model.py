@@ -104,9 +104,13 @@ def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
 
 def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, batch_size: int, lr: float,
                       seed: int, cond_dropout: float = 0.1,
-                      log: Callable[[int, float], None] = lambda i, loss: None, device: str = "cpu") -> float:
+                      log: Callable[[int, float], None] = lambda i, loss: None, device: str = "cpu",
+                      resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
+                      checkpoint_every: int = 500, stop: Callable[[], bool] = lambda: False) -> float | None:
     """Rectified flow: x_s = (1 - s) x0 + s eps, target eps - x0, s = sigmoid(N(0, 1)) as in SD3.
-    Returns the mean loss over the last tenth of the steps."""
+    Returns the mean loss over the last tenth of the steps. Every `checkpoint_every` steps, and when `stop()`
+    turns true, `checkpoint` gets the training state: passed back as `resume`, it continues the run exactly
+    (same device). Returns None when it stopped before the last step."""
     g = torch.Generator().manual_seed(seed)
     latents = encode_latents(pipe.vae, images).to(device)
     unique = sorted(set(prompts)) + [""]
@@ -116,8 +120,14 @@ def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, 
     model = pipe.transformer.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps, warmup=max(1, steps // 20))
-    tail = []
-    for i in range(steps):
+    tail, start = [], 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        g.set_state(resume["generator"])
+        tail, start = list(resume["tail"]), resume["step"]
+    for i in range(start, steps):
         idx = torch.randint(len(latents), (batch_size,), generator=g)
         ids = prompt_ids[idx].clone()
         ids[torch.rand(batch_size, generator=g) < cond_dropout] = len(unique) - 1
@@ -135,5 +145,12 @@ def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, 
         log(i, loss.item())
         if i >= steps - max(1, steps // 10):
             tail.append(loss.item())
+        done = i + 1
+        if checkpoint is not None and done < steps and (done % checkpoint_every == 0 or stop()):
+            checkpoint({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "generator": g.get_state(), "tail": tail})
+            if stop():
+                model.to("cpu")
+                return None
     model.to("cpu").eval().requires_grad_(False)
     return float(np.mean(tail))
