@@ -280,16 +280,18 @@ def test_end_to_end_student_moves_toward_routed_teachers(straight_run, tiny_asse
 
 
 def test_resume_is_bit_identical(straight_run, tiny_assets, tmp_path):
+    """A new driver resumes the straight run as if it had crashed after step 11: its checkpoints 12 and 16 are
+    gone, its metrics run on to step 16. The resumed job must drop metrics past its checkpoint and end with the
+    straight run's weights and sampler state."""
     cfg, _ = straight_run
-    cfg_k = cfg.model_copy(update={"output_dir": str(tmp_path), "train": cfg.train.model_copy(update={"steps": 7})})
-    tr = _trainer(cfg_k)
-    try:
-        tr.run(progress=False)
-    finally:
-        tr.shutdown()
+    shutil.copytree(cfg.output_dir, tmp_path, dirs_exist_ok=True)
+    for step in (12, 16):
+        shutil.rmtree(tmp_path / "checkpoints" / f"step_{step:08d}")
     tr = _trainer(cfg.model_copy(update={"output_dir": str(tmp_path)}))
     try:
-        assert tr.resume() == 7
+        assert tr.resume() == 8
+        assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
+            list(range(1, 9))
         tr.run(progress=False)
     finally:
         tr.shutdown()
