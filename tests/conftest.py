@@ -2,6 +2,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import yaml
 from peft import PeftModel
@@ -56,6 +57,23 @@ def tiny_config_dict(assets: Path, output_dir: Path, config: str = "tiny_opd.yam
             node = node.setdefault(p, {})
         node[parts[-1]] = copy.deepcopy(value)
     return raw
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster per test module: its tests share it (use with pytest.mark.usefixtures)."""
+    from pipelines.launch import init_ray
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def run_job_command(main, assets: Path, out: Path, config: str) -> Path:
+    """Runs a job's command line (`main`) on configs/<config> pointed at `assets`; returns its output directory."""
+    path = out / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(assets, out / "run", config=config)))
+    assert main(["--config", str(path), "--no-progress"]) == 0
+    return out / "run"
 
 
 @pytest.fixture

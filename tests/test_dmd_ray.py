@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import yaml
 from peft import PeftModel
 
 from actors.dmd_trainer import DMDTrainer
@@ -20,19 +19,14 @@ from flowopd.models import encode_prompts, load_pipeline
 from flowopd.objectives import ACFakeScore
 from flowopd.rollout import ac_states, sample_generators
 from pipelines import dmd
-from pipelines.launch import init_ray
 from pipelines.preflight import preflight
-from tests.conftest import tiny_config_dict
+from tests.conftest import run_job_command, tiny_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    init_ray(None)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _config(assets, out, **changes) -> DMDConfig:
@@ -42,11 +36,7 @@ def _config(assets, out, **changes) -> DMDConfig:
 @pytest.fixture(scope="module")
 def straight(tiny_assets, tmp_path_factory):
     """The output directory of an undisturbed run through the command line."""
-    out = tmp_path_factory.mktemp("dmd_straight")
-    path = out / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_assets, out / "run", config="tiny_dmd.yaml")))
-    assert dmd.main(["--config", str(path), "--no-progress"]) == 0
-    return out / "run"
+    return run_job_command(dmd.main, tiny_assets, tmp_path_factory.mktemp("dmd_straight"), "tiny_dmd.yaml")
 
 
 def _final(out: Path) -> dict:

@@ -16,18 +16,12 @@ from actors.reward import RewardPools
 from flowopd.config import ConfigError, EvalConfig, GRPOConfig, RewardSpec, load_config
 from pipelines.evaluate import evaluate, preflight_eval
 from pipelines.grpo import main as grpo_main
-from pipelines.launch import init_ray
 from pipelines.opd import main as opd_main
 from pipelines.preflight import preflight
 from rewards import RewardError
 from tests.conftest import ROOT, tiny_config_dict
 
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    init_ray(None)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture

@@ -23,17 +23,11 @@ from flowopd.config import ConfigError, OPDConfig
 from flowopd.flow import sde_std, sde_step, shifted_sigmas
 from flowopd.learner import PER_STATE, Learner, select_states
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
-from pipelines.launch import init_ray
 from pipelines.preflight import preflight
 from tests.conftest import tiny_config_dict, velocity_gaps
 from world.tiny import GENEVAL, OCR
 
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    init_ray(None)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def _trainer(cfg):

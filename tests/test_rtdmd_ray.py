@@ -8,35 +8,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import yaml
 from safetensors.numpy import load_file
 
 from actors.rtdmd_trainer import RTDMDTrainer
 from flowopd.checkpoint import CheckpointManager
 from flowopd.config import RTDMDConfig
 from pipelines import rtdmd
-from pipelines.launch import init_ray
 from pipelines.preflight import preflight
-from tests.conftest import tiny_config_dict
+from tests.conftest import run_job_command, tiny_config_dict
 
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    init_ray(None)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")
 def straight(tiny_assets, tmp_path_factory):
     """The output directory of an undisturbed run through the command line."""
-    out = tmp_path_factory.mktemp("rtdmd_straight")
-    path = out / "job.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_assets, out / "run", config="tiny_rtdmd.yaml")))
-    assert rtdmd.main(["--config", str(path), "--no-progress"]) == 0
-    return out / "run"
+    return run_job_command(rtdmd.main, tiny_assets, tmp_path_factory.mktemp("rtdmd_straight"), "tiny_rtdmd.yaml")
 
 
 def _final(out: Path) -> dict:
