@@ -7,6 +7,7 @@ import torch
 import yaml
 from peft import PeftModel
 
+from flowopd.checkpoint import CheckpointManager, step_dir_name
 from flowopd.config import OPDConfig
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
 from world.tiny import GENEVAL, OCR, ensure_tiny_assets
@@ -74,6 +75,11 @@ def run_job_command(main, assets: Path, out: Path, config: str) -> Path:
     path.write_text(yaml.safe_dump(tiny_config_dict(assets, out / "run", config=config)))
     assert main(["--config", str(path), "--no-progress"]) == 0
     return out / "run"
+
+
+def checkpoint_at(output_dir, step: int) -> dict:
+    """The checkpoint a job wrote at `step` (it must exist)."""
+    return CheckpointManager.load(Path(output_dir) / "checkpoints" / step_dir_name(step))
 
 
 @pytest.fixture

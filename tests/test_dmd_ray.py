@@ -11,7 +11,6 @@ import ray
 from peft import PeftModel
 
 from actors.dmd_trainer import DMDTrainer
-from flowopd.checkpoint import CheckpointManager
 from flowopd.config import ConfigError, DMDConfig, validate
 from flowopd.flow import schedule_sigmas
 from flowopd.learner import Learner
@@ -20,7 +19,7 @@ from flowopd.objectives import ACFakeScore
 from flowopd.rollout import ac_states, sample_generators
 from pipelines import dmd
 from pipelines.preflight import preflight
-from tests.conftest import run_job_command, tiny_config_dict
+from tests.conftest import checkpoint_at, run_job_command, tiny_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -37,10 +36,6 @@ def _config(assets, out, **changes) -> DMDConfig:
 def straight(tiny_assets, tmp_path_factory):
     """The output directory of an undisturbed run through the command line."""
     return run_job_command(dmd.main, tiny_assets, tmp_path_factory.mktemp("dmd_straight"), "tiny_dmd.yaml")
-
-
-def _final(out: Path) -> dict:
-    return CheckpointManager.load(out / "checkpoints" / f"step_{STEPS:08d}")
 
 
 def _assert_same_checkpoint(a: dict, b: dict) -> None:
@@ -98,7 +93,7 @@ def test_job_trains_both_models_and_exports_them(straight, tiny_assets):
     assert levels <= {0.9, 0.75, 0.5, 0.0} and len(levels) >= 2
     assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["fake_grad_norm"] > 0 for m in lines)
     assert all(m["consistency"] != 0 for m in lines)
-    final = _final(out)
+    final = checkpoint_at(out, STEPS)
     assert set(final["extra"]) == {"ema", "fake_score"}
     for name, state in [("student", final["lora"]), ("fake_score", final["extra"]["fake_score"])]:
         assert any(np.abs(v).max() > 0 for k, v in state.items() if "lora_B" in k), f"{name} did not move"
@@ -140,7 +135,7 @@ def test_killed_fake_score_rank_and_rollout_worker_are_rebuilt_bit_identically(s
     assert [(e["role"], e["steps_done"], e["step"], e["restarted"]) for e in events] == [
         ("fake-score rank", 3, 2, "the teacher replica actors and fake-score rank actors"),
         ("rollout worker", 5, 4, "that rollout worker")]
-    _assert_same_checkpoint(_final(out), _final(tmp_path))
+    _assert_same_checkpoint(checkpoint_at(out, STEPS), checkpoint_at(tmp_path, STEPS))
 
 
 @pytest.mark.parametrize("change, key", [({"teachers": {"teacher": {}}}, "teachers"),

@@ -18,13 +18,12 @@ from safetensors.torch import load_file, save_file
 from actors.learner import LearnerGroup, gather_ranks
 from actors.opd_trainer import OPDTrainer, micro_groups
 from actors.resources import check_cluster_resources
-from flowopd.checkpoint import CheckpointManager
 from flowopd.config import ConfigError, OPDConfig
 from flowopd.flow import sde_std, sde_step, shifted_sigmas
 from flowopd.learner import PER_STATE, Learner, select_states
 from flowopd.models import encode_prompts, load_pipeline, load_transformer, velocity
 from pipelines.preflight import preflight
-from tests.conftest import tiny_config_dict, velocity_gaps
+from tests.conftest import checkpoint_at, tiny_config_dict, velocity_gaps
 from world.tiny import GENEVAL, OCR
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -237,8 +236,8 @@ def test_overlapped_and_phased_steps_agree_and_only_the_phased_one_ships_states_
         assert mo["loss_per_task"].keys() == mp["loss_per_task"].keys()
         assert mo["driver_bytes"] < 0.01 * mo["state_bytes"]
         assert mp["driver_bytes"] > mp["state_bytes"]  # every state, and every target, came to the driver
-    a = CheckpointManager.load(Path(cfg.output_dir) / "checkpoints" / "step_00000008")
-    b = CheckpointManager.load(tmp_path / "checkpoints" / "step_00000008")
+    a = checkpoint_at(cfg.output_dir, 8)
+    b = checkpoint_at(tmp_path, 8)
     for k in a["lora"]:
         np.testing.assert_allclose(a["lora"][k], b["lora"][k], atol=1e-4, rtol=1e-4)
 
@@ -289,8 +288,8 @@ def test_resume_is_bit_identical(straight_run, tiny_assets, tmp_path):
         tr.run(progress=False)
     finally:
         tr.shutdown()
-    a = CheckpointManager.load(Path(cfg.output_dir) / "checkpoints" / "step_00000016")
-    b = CheckpointManager.load(tmp_path / "checkpoints" / "step_00000016")
+    a = checkpoint_at(cfg.output_dir, 16)
+    b = checkpoint_at(tmp_path, 16)
     for k in a["lora"]:
         assert np.array_equal(a["lora"][k], b["lora"][k]), k
     assert a["trainer_state"]["sampler"] == b["trainer_state"]["sampler"]
@@ -335,8 +334,8 @@ def test_killed_actors_are_rebuilt_and_the_run_stays_bit_identical(straight_run,
     assert [m["loss"] for m in hist] == [m["loss"] for m in straight]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
-    a = CheckpointManager.load(Path(cfg.output_dir) / "checkpoints" / "step_00000016")
-    b = CheckpointManager.load(tmp_path / "checkpoints" / "step_00000016")
+    a = checkpoint_at(cfg.output_dir, 16)
+    b = checkpoint_at(tmp_path, 16)
     for k in a["lora"]:
         assert np.array_equal(a["lora"][k], b["lora"][k]), k
     assert a["trainer_state"]["sampler"] == b["trainer_state"]["sampler"]

@@ -3,7 +3,6 @@ reward back-propagation in one generator step, exports, and a killed actor rebui
 import json
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +10,10 @@ import ray
 from safetensors.numpy import load_file
 
 from actors.rtdmd_trainer import RTDMDTrainer
-from flowopd.checkpoint import CheckpointManager
 from flowopd.config import RTDMDConfig
 from pipelines import rtdmd
 from pipelines.preflight import preflight
-from tests.conftest import run_job_command, tiny_config_dict
+from tests.conftest import checkpoint_at, run_job_command, tiny_config_dict
 
 STEPS = 4
 
@@ -29,10 +27,6 @@ def straight(tiny_assets, tmp_path_factory):
     return run_job_command(rtdmd.main, tiny_assets, tmp_path_factory.mktemp("rtdmd_straight"), "tiny_rtdmd.yaml")
 
 
-def _final(out: Path) -> dict:
-    return CheckpointManager.load(out / "checkpoints" / f"step_{STEPS:08d}")
-
-
 def test_job_trains_the_generator_and_the_fake_score(straight):
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
@@ -44,7 +38,7 @@ def test_job_trains_the_generator_and_the_fake_score(straight):
         assert np.isfinite([m["loss"], m["dmd_loss"], m["fm_loss"]]).all() and m["dmd_loss"] > 0 and m["grad_norm"] > 0
         # the differentiable brightness of x0_hat is the reward actors' brightness of the same images (uint8)
         assert abs(m["bp_reward"] - m["reward_mean"]) < 0.01
-    final = _final(straight)
+    final = checkpoint_at(straight, STEPS)
     assert set(final["extra"]) == {"ema", "fake_score"} and final["trainer_state"]["optimizer_steps"] == STEPS
     for name, state in [("student", final["lora"]), ("fake_score", final["extra"]["fake_score"])]:
         assert any(np.abs(v).max() > 0 for k, v in state.items() if "lora_B" in k), f"{name} did not move"
@@ -80,7 +74,7 @@ def test_killed_fake_score_rank_is_rebuilt_bit_identically(straight, tiny_assets
     assert tr.kill_before is None
     events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [(e["role"], e["steps_done"]) for e in events] == [("fake-score rank", 2)]
-    a, b = _final(straight), _final(tmp_path)
+    a, b = checkpoint_at(straight, STEPS), checkpoint_at(tmp_path, STEPS)
     for name, state in [("student", a["lora"]), *a["extra"].items()]:
         other = b["lora"] if name == "student" else b["extra"][name]
         assert all(np.array_equal(state[k], other[k]) for k in state), name
