@@ -1,16 +1,26 @@
 """The Flow-GRPO step loop (stage 1 and GRPO-Mix): rollout -> reward actors -> group advantages -> DDP
 learn over the trained steps -> weight sync; Flow-GRPO's EMA of the LoRA weights for export."""
+import json
+import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import ray
 
+from flowopd.data import read_source
 from flowopd.flow import schedule_sigmas
 from flowopd.grpo import ema_update, group_advantages, informative_groups
 from flowopd.learner import select_states
 from flowopd.objectives import FlowGRPO
 
 from .reward import RewardPools
-from .trainer import Trainer, concat_rollouts
+from .trainer import Trainer, concat_rollouts, truncate_jsonl
+
+
+def probe_records(probe) -> list:
+    """The probe set: the first `max_prompts_per_source` records of each probe source, in file order."""
+    return [r for src in probe.sources for r in read_source(src.path, src.format, src.task)[:probe.max_prompts_per_source]]
 
 
 class Scored(NamedTuple):
@@ -91,6 +101,12 @@ class RewardedTrainer:
 class GRPOTrainer(RewardedTrainer, Trainer):
     name = "grpo"
     work_name = "score"
+    extra_phases = ("probe",)
+
+    def __init__(self, cfg, sources: list[list]):
+        self.probe_records = probe_records(cfg.probe) if cfg.probe else []
+        self.probe_path = Path(cfg.output_dir) / "probe.jsonl"
+        super().__init__(cfg, sources)
 
     @staticmethod
     def make_objective(cfg) -> FlowGRPO:
@@ -118,9 +134,43 @@ class GRPOTrainer(RewardedTrainer, Trainer):
         """What to export: the EMA weights when EMA is on, else the student's."""
         return self.ema if self.ema is not None else self.lora
 
+    def _truncate_metrics(self, step: int) -> None:
+        super()._truncate_metrics(step)
+        truncate_jsonl(self.probe_path, step)
+
+    def probe(self, step: int) -> dict[str, float]:
+        """Score the weights the job would export now on the probe set; one probe.jsonl line with every
+        image's reward (the same prompts, seeds and noise at every step: curves are paired), the task means
+        for the metrics."""
+        pc, sc = self.cfg.probe, self.cfg.sampling
+        recs = [r for r in self.probe_records for _ in range(pc.samples_per_prompt)]
+        prompts, tasks = [r.prompt for r in recs], np.asarray([r.task for r in recs])
+        lora = ray.put(self.final_adapter())
+        shards = np.array_split(np.arange(len(recs)), len(self.workers))
+        images = np.concatenate(self.fetch([
+            w.generate.remote(lora, [prompts[i] for i in ids], ids.tolist(), pc.seed, pc.num_steps or sc.num_steps,
+                              sc.guidance if pc.guidance is None else pc.guidance)
+            for w, ids in zip(self.workers, shards) if len(ids)]))
+        scores = RewardPools.collect(self.rewards.submit(images, prompts, [r.metadata for r in recs], list(tasks)),
+                                     len(recs))
+        reward = self.rewards.combine(scores, tasks)
+        data = self.cfg.data
+        line = {"step": step, "samples": step * data.prompts_per_step * data.group_size,
+                "samples_per_prompt": pc.samples_per_prompt, "prompts": [r.prompt for r in self.probe_records],
+                "tasks": [r.task for r in self.probe_records], "reward": [None if np.isnan(v) else float(v) for v in reward]}
+        with open(self.probe_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        return {t: float(np.nanmean(reward[tasks == t])) for t in sorted(set(tasks))}
+
+    def _probe_due(self, step: int) -> bool:
+        return bool(self.probe_records) and (step % self.cfg.probe.every == 0 or step == self.cfg.train.steps)
+
     def train_step(self) -> dict:
         cfg = self.cfg
         step = self.step_done + 1
+        if step == 1 and self.probe_records:  # the initial weights: every later probe is paired with this one
+            self.start_ema()
+            self.probe(0)
         timer = self.start_step()
         version = self.step_done
         records = self.sampler.draw(cfg.data.prompts_per_step)
@@ -146,6 +196,10 @@ class GRPOTrainer(RewardedTrainer, Trainer):
         groups = scored.groups
         m = {"step": step, "policy_version": version, "states": len(kept), **self.reward_metrics(scored, adv),
              "groups_kept": len(np.unique(groups[keep_sample])), "groups": len(np.unique(groups))}
+        if self._probe_due(step):
+            started = time.perf_counter()
+            m["probe"] = self.probe(step)
+            timer.add("probe", time.perf_counter() - started)
         t = self.end_step(timer)
         m.update(time=t, states_per_s=len(kept) / t["total"])
         if not results:

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import torch
 
-from flowopd.flow import schedule_sigmas
+from flowopd.flow import schedule_sigmas, shifted_sigmas
 from flowopd.models import (
     add_student_adapter,
     decode_images,
@@ -62,6 +62,24 @@ class RolloutWorker:
         ro, final = self._sample(step, prompts, prompt_ids)
         ro["images"] = decode_images(self.pipe, final) if decode else None
         return ro
+
+    def generate(self, lora: dict, prompts: list[str], sample_ids: list[int], seed: int, num_steps: int,
+                 guidance: float) -> np.ndarray:
+        """ODE samples of other weights (a probe of the EMA a job exports), uint8 images, one per prompt; noise
+        keyed by (seed, sample id) as in an evaluation. The next rollout loads its own weights again."""
+        load_lora_state(self.model, lora)
+        self.version = -1
+        sigmas = shifted_sigmas(num_steps, self.cfg.sampling.shift)
+        embeds, pooled = encode_prompts(self.pipe, prompts, self.cfg.model.max_sequence_length)
+        autocast = self.dtype if self.dtype != torch.float32 else None
+        dev, bs, out = self.device, self.cfg.rollout.batch_size, []
+        for i in range(0, len(prompts), bs):
+            gens = sample_generators(seed, 0, sample_ids[i:i + bs], dev)
+            final = sample_trajectories(self.model, embeds[i:i + bs].to(dev), pooled[i:i + bs].to(dev),
+                                        self.neg[0].to(dev), self.neg[1].to(dev), sigmas, 0.0, guidance,
+                                        self.latent_shape, gens, (), autocast)[-1]
+            out.append(decode_images(self.pipe, final))
+        return np.concatenate(out)
 
     def rollout_stream(self, step: int, version: int, lora: dict, groups: list[tuple], decode: bool = False):
         """`rollout` for one micro-group after another, as a Ray streaming generator; a group is (prompts,

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
-from flowopd.checkpoint import CheckpointManager
+from flowopd.checkpoint import CheckpointManager, step_dir_name
 from flowopd.data import MixtureSampler
 from flowopd.learner import PER_STATE, payload_bytes
 from flowopd.models import lora_config
@@ -189,9 +189,7 @@ class Trainer(ABC):
         return self.step_done
 
     def _truncate_metrics(self, step: int) -> None:
-        if self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        truncate_jsonl(self.metrics_path, step)
 
     def save(self) -> Path:
         return self.ckpt.save(self.step_done, self.lora, self.lora_cfg, self.learners.optimizer_state(),
@@ -206,15 +204,24 @@ class Trainer(ABC):
         self.stop_services()
         self.learners.shutdown()
 
-    def run(self, progress: bool = True) -> list[dict]:
+    def run(self, progress: bool = True, deadline: float | None = None) -> list[dict]:
+        """Train to the last step, or until `deadline` (a time.time() value) has passed: then the current step
+        is checkpointed (a resume continues exactly from it) and `stopped` is set."""
         cfg = self.cfg
         history = []
+        self.stopped = False
         self._truncate_metrics(self.step_done)  # lines past the last checkpoint belong to a lost run
         bar = tqdm(total=cfg.train.steps, initial=self.step_done, desc=self.name, disable=not progress)
         tracker = make_tracker(cfg.logger, cfg.output_dir, self.step_done, cfg.model_dump(mode="json"))
         failures = 0
         try:
             while self.step_done < cfg.train.steps:
+                if deadline is not None and time.time() >= deadline:
+                    latest = self.ckpt.latest()
+                    if self.step_done and (latest is None or latest.name != step_dir_name(self.step_done)):
+                        self.save()
+                    self.stopped = True
+                    break
                 try:
                     m = self.train_step()
                     history.append(m)
@@ -336,6 +343,13 @@ class Trainer(ABC):
         timer.add("learn", t_learn - t)
         timer.add("sync", time.perf_counter() - t_learn)
         return results
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the lines of a per-step log past `step` (written by a run that did not reach its next checkpoint)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
 
 
 class StepTimer:

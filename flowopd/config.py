@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The paper's (and Flow-GRPO's) LoRA targets: every attention projection of both MMDiT streams.
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -147,6 +147,11 @@ class LearnerConfig(Resources):
     weight_decay: float = Field(1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
+    # the learning rate over the run's optimizer steps (flowopd.learner.lr_factor): constant (Flow-GRPO), or
+    # `lr_warmup` steps of linear warm-up, then a cosine decay to lr * lr_final at the last step
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup: int = Field(0, ge=0)
+    lr_final: float = Field(0.1, ge=0, le=1)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # recompute each transformer block in the backward pass: activations of one block instead of all of
     # them, for about a third more learner time (a larger micro_batch_size fits)
@@ -187,6 +192,13 @@ class RunConfig(Strict):
     model: ModelConfig
     logger: LoggerConfig = LoggerConfig()
 
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_no_file(cls, v: str) -> str:
+        if Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{v} is an existing file, not a directory")
+        return v
+
 
 class JobConfig(RunConfig):
     """What every training job has besides: a student LoRA, rollouts, a learner group, data."""
@@ -223,6 +235,10 @@ class JobConfig(RunConfig):
 
     def student_base(self) -> str:
         return self.student.base or self.model.base
+
+    def optimizer_steps(self) -> int:
+        """The student's optimizer steps over the whole run: the length of the learning-rate schedule."""
+        return self.train.steps
 
 
 class RewardSpec(Resources):
@@ -362,6 +378,19 @@ class GRPOLearner(LearnerConfig):
     lr: float = Field(3e-4, gt=0)  # Flow-GRPO's LoRA learning rate (OPD's default is 1e-4)
 
 
+class ProbeConfig(Strict):
+    """A fixed probe set scored while a GRPO job trains: the weights it would export (the EMA when on), sampled
+    like an evaluation (ODE) on the same prompts, seeds and noise every `every` steps and at steps 0 and last,
+    so held-out reward against samples is a paired curve (probe.jsonl), free of the rollout reward's noise."""
+    sources: list[DataSource] = Field(min_length=1)
+    every: int = Field(10, gt=0)
+    max_prompts_per_source: int | None = Field(32, gt=0)  # the first N of each file: fixed, never chosen by result
+    samples_per_prompt: int = Field(4, gt=0)
+    num_steps: int | None = Field(None, gt=0)  # default: sampling.num_steps
+    guidance: float | None = None  # default: sampling.guidance
+    seed: int = 0
+
+
 MIN_SAMPLES_PER_UPDATE = 256  # below this a GRPO update on a sparse reward is mostly noise
 
 
@@ -372,6 +401,7 @@ class GRPOConfig(Rewarded, JobConfig):
     data: GRPOData
     learner: GRPOLearner = GRPOLearner()
     export_dir: str | None = None
+    probe: ProbeConfig | None = None
 
     def plan(self) -> list[str]:
         n = self.samples_per_update()
@@ -379,6 +409,9 @@ class GRPOConfig(Rewarded, JobConfig):
                 f"{n:g} samples per optimizer step (Flow-GRPO: 576)" + (
                     f"; below {MIN_SAMPLES_PER_UPDATE} a GRPO update on a sparse reward is mostly noise: raise "
                     f"data.prompts_per_step or lower grpo.minibatches" if n < MIN_SAMPLES_PER_UPDATE else "")]
+
+    def optimizer_steps(self) -> int:
+        return self.train.steps * self.grpo.minibatches
 
     def samples_per_update(self) -> float:
         """Samples behind each optimizer step (Flow-GRPO: 576)."""
@@ -677,17 +710,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
-    """A YAML file, or a one-line ConfigError naming the file, line and column of a syntax error."""
+    """A YAML file, or a one-line ConfigError naming the file, line and column of a syntax error or a
+    duplicated key."""
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+        raise ConfigError(f"{where}: YAML error: {problem}") from None
 
 
 def load_raw(path: str, overrides: list[str] = ()) -> dict:

@@ -20,7 +20,12 @@ class DataError(ValueError):
 
 
 def _lines(path: Path):
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             yield i, line.strip()
 

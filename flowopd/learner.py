@@ -6,6 +6,7 @@ Two ways to take a step, with the same update (the gradient of the mean loss ove
 * `accumulate` one micro-group at a time, as they arrive, then `apply`: the micro-groups' summed-loss
   gradients are added in micro-group order, summed over ranks (one all-reduce) and divided by N_total.
 """
+import math
 from contextlib import nullcontext
 from functools import partial
 
@@ -49,6 +50,18 @@ def payload_bytes(obj) -> int:
     if isinstance(obj, list | tuple):
         return sum(payload_bytes(v) for v in obj)
     return 0
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int = 0, final: float = 0.1) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`, as a fraction of the configured one:
+    1 for "constant"; for "cosine" (step + 1) / warmup during the warm-up, then
+    final + (1 - final) (1 + cos(pi p)) / 2 with p = (step - warmup) / (total - warmup - 1) going 0 -> 1."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
 
 
 class Learner:
@@ -170,6 +183,12 @@ class Learner:
 
     def _clip_and_step(self) -> torch.Tensor:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip)
+        lc = self.cfg.learner
+        if lc.lr_schedule != "constant":  # the step count lives in the optimizer state: resumes continue it
+            done = int(self.opt.state[self.params[0]]["step"]) if self.opt.state else 0
+            for group in self.opt.param_groups:
+                group["lr"] = lc.lr * lr_factor(done, self.cfg.optimizer_steps(), lc.lr_schedule, lc.lr_warmup,
+                                                lc.lr_final)
         self.opt.step()
         return grad_norm
 

@@ -5,6 +5,8 @@ workers also load the text encoders. Everything loads from local directories onl
 """
 import json
 import os
+import pickle
+import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     CLIPTextConfig,
@@ -74,6 +76,10 @@ PRESETS = {
                               "joint_attention_dim": 32, "caption_projection_dim": 96,
                               "pooled_projection_dim": 64, "pos_embed_max_size": 16},
               "clip_dims": (32, 32), "t5_dim": 32, "text_layers": 2, "clip_max_length": 48,
+              # quotes and commas are tokens (real CLIP vocabularies have them): an unknown symbol would
+              # read as end-of-text, whose position gives CLIP its pooled output, so a quoted string would
+              # leave no trace in the pooled embedding (the first world's base, assets/world, has that flaw)
+              "symbols": '",',
               "vae": {"latent_channels": 4, "block_out_channels": (16, 32), "layers_per_block": 1,
                       "norm_num_groups": 8}},
     # The SD3.5-Medium MMDiT (2.24 B parameters) for GPU benchmarks; small random text encoders with the
@@ -105,7 +111,7 @@ def build_random_pipeline(preset: str = "tiny", seed: int = 0, **transformer_ove
     (flowopd.simulated's stand-in at SD3.5-M's tensor sizes, for CPU cluster simulations)."""
     spec = PRESETS[preset]
     torch.manual_seed(seed)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(spec.get("symbols", ""))
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in chars:
         vocab[c] = len(vocab)
@@ -368,14 +374,23 @@ def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:
     if not cfg_file.exists() or weights is None:
         raise ValueError(f"{d} is not a peft adapter directory (needs adapter_config.json and "
                          f"{' or '.join(ADAPTER_WEIGHTS)})")
-    peft_type = json.loads(cfg_file.read_text()).get("peft_type")
+    try:
+        adapter_cfg = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not a JSON adapter config ({e})") from None
+    peft_type = adapter_cfg.get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{cfg_file}: peft_type is {peft_type!r}, only LORA adapters are supported")
+    try:
+        shapes = _tensor_shapes(weights)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        reason = next(iter(str(e).strip().splitlines()), "")
+        raise ValueError(f"{weights}: cannot be read ({type(e).__name__}: {reason})") from None
     with torch.device("meta"):
         cfg = transformer_config(base_dir)
         base = transformer_class(cfg).from_config(cfg)
     modules = dict(base.named_modules())
-    for key, shape in _tensor_shapes(weights).items():
+    for key, shape in shapes.items():
         if ".lora_A." not in key and ".lora_B." not in key:
             continue
         name = key.removeprefix("base_model.model.").split(".lora_")[0]
@@ -386,6 +401,17 @@ def check_adapter_fits(adapter_dir: str, base_dir: str) -> None:
         if not fits:
             raise ValueError(f"{weights}: {key} has shape {shape}, which does not fit {name} "
                              f"({mod.in_features}->{mod.out_features}) of the base model {base_dir}")
+        rank, r = (shape[0] if ".lora_A." in key else shape[1]), adapter_rank(adapter_cfg, name)
+        if rank != r:
+            raise ValueError(f"{weights}: {key} has rank {rank}, but {cfg_file} says r={r} for {name}")
+
+
+def adapter_rank(adapter_cfg: dict, module: str) -> int:
+    """The LoRA rank peft gives `module`: its `rank_pattern` entry (a pattern matching the name's end), else r."""
+    for pattern, r in (adapter_cfg.get("rank_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", module):
+            return r
+    return adapter_cfg.get("r", 8)
 
 
 def save_random_model(path: str, preset: str = "tiny", seed: int = 0, **kw) -> str:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from flowopd.config import ConfigError, OPDConfig, load_raw, validate
 from flowopd.data import DataError
@@ -68,8 +69,22 @@ def parse_args(doc: str, argv=None):
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to JSONL)")
     ap.add_argument("--check", action="store_true",
                     help="validate the config, its files and Hub ids, print the plan and stop (no Ray, no GPU)")
+    add_time_limit(ap)
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     return ap.parse_intermixed_args(argv)
+
+
+STOPPED = 3  # the exit status of a job that reached --time-limit: run the same command (with --resume) again
+
+
+def add_time_limit(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                    help=f"after this many minutes, checkpoint the current training step and exit with status "
+                         f"{STOPPED}; the same command resumes (long runs over several sittings)")
+
+
+def deadline(minutes: float | None) -> float | None:
+    return None if minutes is None else time.time() + 60 * minutes
 
 
 def run_job(argv, doc: str, config_cls, trainer, finish=None) -> int:
@@ -97,22 +112,29 @@ def run_job(argv, doc: str, config_cls, trainer, finish=None) -> int:
     if isinstance(trainer, str):
         module, name = trainer.split(":")
         trainer = getattr(importlib.import_module(module), name)
-    print(json.dumps(train(cfg, sources, trainer, args.resume, not args.no_progress, finish)))
+    summary = train(cfg, sources, trainer, args.resume, not args.no_progress, finish, deadline(args.time_limit))
+    print(json.dumps(summary))
+    if summary["stopped"]:
+        print(f"time limit: stopped after step {summary['steps']} of {cfg.train.steps}; run the same command with "
+              f"--resume to continue", file=sys.stderr)
+        return STOPPED
     return 0
 
 
-def train(cfg, sources, trainer_cls, resume: bool, progress: bool = True, finish=None) -> dict:
+def train(cfg, sources, trainer_cls, resume: bool, progress: bool = True, finish=None,
+          deadline: float | None = None) -> dict:
     """Run one training job to its last step (from its newest checkpoint when resuming), release its
-    actors, and return a summary (plus whatever `finish(trainer)` adds)."""
+    actors, and return a summary (plus whatever `finish(trainer)` adds). Past `deadline` (time.time()) the job
+    checkpoints and stops: the summary says `stopped` and `finish` is not called."""
     trainer = trainer_cls(cfg, sources)
     try:
         if resume:
             step = trainer.resume()
             print(f"resumed at step {step}" if step else "no checkpoint found; starting at step 0", file=sys.stderr)
-        history = trainer.run(progress=progress)
+        history = trainer.run(progress=progress, deadline=deadline)
         summary = {"final_checkpoint": str(trainer.ckpt.latest()), "steps": trainer.step_done,
-                   "last_loss": history[-1]["loss"] if history else None}
-        if finish is not None:
+                   "last_loss": history[-1]["loss"] if history else None, "stopped": trainer.stopped}
+        if finish is not None and not trainer.stopped:
             summary.update(finish(trainer))
         return summary
     finally:

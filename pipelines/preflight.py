@@ -52,6 +52,9 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
     if backprop is not None:
         _check_differentiable(backprop.reward, next(r for r in cfg.reward_specs() if r.key == backprop.reward))
     sources = read_sources(cfg.data.sources)
+    probe = getattr(cfg, "probe", None)
+    if probe is not None:
+        _check_probe(cfg, read_sources(probe.sources, "probe.sources"))
     for i, (src, records) in enumerate(zip(cfg.data.sources, sources)):
         for r in records:
             problem = cfg.task_problem(r.task)
@@ -77,15 +80,24 @@ def check_resolution(resolution: int, base: Path, tcfg: dict) -> None:
                           f"of {base}); use e.g. {max(scale, resolution // scale * scale)}")
 
 
-def read_sources(specs) -> list[list[PromptRecord]]:
-    """The records of every configured source; a bad file is reported under its `data.sources[i]` key."""
+def read_sources(specs, key: str = "data.sources") -> list[list[PromptRecord]]:
+    """The records of every configured source; a bad file is reported under its `<key>[i]` key."""
     out = []
     for i, src in enumerate(specs):
         try:
             out.append(read_source(src.path, src.format, src.task))
         except DataError as e:
-            raise ConfigError(f"data.sources[{i}]: {e}") from None
+            raise ConfigError(f"{key}[{i}]: {e}") from None
     return out
+
+
+def _check_probe(cfg, sources: list[list[PromptRecord]]) -> None:
+    """Every probe prompt is of a task some reward scores (else its reward would be NaN throughout)."""
+    for i, records in enumerate(sources):
+        for r in records:
+            problem = cfg.task_problem(r.task)
+            if problem:
+                raise ConfigError(f"probe.sources[{i}]: task {r.task!r} of prompt {r.prompt!r} {problem}")
 
 
 def check_reward_specs(specs) -> None:
@@ -99,6 +111,10 @@ def check_reward_specs(specs) -> None:
         try:
             inspect.signature(cls).bind(**spec.kwargs)
         except TypeError as e:
+            raise ConfigError(f"rewards[{i}].kwargs: {e} (reward {spec.name!r})") from None
+        try:
+            getattr(cls, "check_kwargs", lambda **kw: None)(**spec.kwargs)
+        except ValueError as e:
             raise ConfigError(f"rewards[{i}].kwargs: {e} (reward {spec.name!r})") from None
 
 

@@ -32,7 +32,7 @@ from flowopd.data import DataError
 from pipelines.cold_start import run_merge
 from pipelines.evaluate import evaluate, preflight_eval
 from pipelines.grpo import export_adapter
-from pipelines.launch import init_ray, setup_logging, train
+from pipelines.launch import STOPPED, add_time_limit, deadline, init_ray, setup_logging, train
 from pipelines.preflight import preflight, read_sources
 
 log = logging.getLogger("recipe")
@@ -232,7 +232,10 @@ class Recipe:
                 except ConfigError as e:
                     raise ConfigError(f"recipe stage {stage}: {e}") from None
 
-    def run(self, progress: bool = True) -> dict:
+    def run(self, progress: bool = True, deadline: float | None = None) -> dict | None:
+        """Run every unfinished stage; returns the evaluation's summary, or None when `deadline` (time.time())
+        passed first: the training stage running then is checkpointed, no later stage starts, and running the
+        recipe again continues from there."""
         init_ray(self.raw.get("ray_address"))
         total = sum(self.samples(st) for st in self.stages if not self.done(st)) or 1
         spent, started_all = 0, time.time()
@@ -242,9 +245,16 @@ class Recipe:
             elif self.done(stage):
                 log.info("%s: finished earlier, skipped", stage)
                 continue
+            if deadline is not None and time.time() >= deadline:
+                log.info("time limit: stopping before %s; run the same command again to continue", stage)
+                return None
             log.info("%s: running", stage)
             started = time.time()
-            summary = self.run_stage(stage, cfg, progress)
+            summary = self.run_stage(stage, cfg, progress, deadline)
+            if summary.get("stopped"):
+                log.info("time limit: %s stopped at step %d of %d (checkpointed); run the same command again to "
+                         "continue", stage, summary["steps"], cfg.train.steps)
+                return None
             minutes = (time.time() - started) / 60
             self.finish(stage, {**summary, "minutes": round(minutes, 2), "samples": self.samples(stage)})
             spent += self.samples(stage)
@@ -258,7 +268,7 @@ class Recipe:
         recorded = json.loads((self.out / stage / "DONE.json").read_text()).get("models")
         return recorded is not None and recorded != _model_specs(cfg)
 
-    def run_stage(self, stage: str, cfg, progress: bool) -> dict:
+    def run_stage(self, stage: str, cfg, progress: bool, deadline: float | None = None) -> dict:
         from actors.grpo_trainer import GRPOTrainer
         from actors.opd_trainer import OPDTrainer
         from actors.resources import check_cluster_resources
@@ -278,7 +288,7 @@ class Recipe:
         dest = (cfg.export_dir if isinstance(cfg, GRPOConfig)
                 else cfg.output_path() if isinstance(cfg, ColdStartConfig) else None)
         return train(cfg, sources, trainer, resume=True, progress=progress,
-                     finish=lambda tr: export_adapter(tr, dest))
+                     finish=lambda tr: export_adapter(tr, dest), deadline=deadline)
 
 
 def _model_specs(cfg: EvalConfig) -> dict:
@@ -326,6 +336,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--no-progress", action="store_true")
+    add_time_limit(ap)
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the recipe file")
     args = ap.parse_intermixed_args(argv)
     setup_logging()
@@ -335,7 +346,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(recipe.out, exist_ok=True)
-    summary = recipe.run(progress=not args.no_progress)
+    summary = recipe.run(progress=not args.no_progress, deadline=deadline(args.time_limit))
+    if summary is None:
+        return STOPPED
     print(json.dumps({"output_dir": str(recipe.out), "models": sorted(summary)}))
     return 0
 

@@ -129,6 +129,51 @@ def training_curves(out: Path, stages: list[str], tasks: list[str], path: Path) 
     plt.close(fig)
 
 
+def probe_curve(path: Path) -> list[dict]:
+    """A GRPO job's probe.jsonl as a curve: per probe step and task, the held-out reward and its gain over
+    step 0 (paired per image: the same prompts, seeds and noise), each with its 95% CI."""
+    lines = [json.loads(ln) for ln in Path(path).read_text().splitlines()]
+    first = next((ln for ln in lines if ln["step"] == 0), None)
+    points = []
+    for ln in lines:
+        k = ln["samples_per_prompt"]
+        reward = np.asarray([np.nan if v is None else v for v in ln["reward"]], dtype=np.float64)
+        base = None if first is None else np.asarray([np.nan if v is None else v for v in first["reward"]], dtype=np.float64)
+        strata, tasks = np.repeat(np.arange(len(ln["prompts"])), k), np.repeat(ln["tasks"], k)
+        point = {"step": ln["step"], "samples": ln["samples"]}
+        scored = np.isfinite(reward) if base is None else np.isfinite(reward) & np.isfinite(base)
+        for task in sorted(set(ln["tasks"])):
+            sel = (tasks == task) & scored
+            point[task] = vars(bootstrap_mean(reward[sel], strata[sel]))
+            if base is not None:
+                point[f"{task}_gain"] = vars(bootstrap_mean(reward[sel] - base[sel], strata[sel]))
+        points.append(point)
+    return points
+
+
+def probe_plot(curves: dict[str, list[dict]], path: Path) -> None:
+    """Held-out probe reward against training samples, one line per job, shaded 95% CIs; a panel per task."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = sorted({k for pts in curves.values() for p in pts for k in p if k not in ("step", "samples")
+                    and not k.endswith("_gain")})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, pts in curves.items():
+            pts = [p for p in pts if task in p]
+            if pts:
+                x = [p["samples"] for p in pts]
+                ax.plot(x, [p[task]["mean"] for p in pts], marker=".", label=name)
+                ax.fill_between(x, [p[task]["lo"] for p in pts], [p[task]["hi"] for p in pts], alpha=0.2)
+        ax.set_title(task)
+        ax.set_xlabel("training samples")
+        ax.set_ylabel("probe reward (held-out, ODE)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def sample_grid(eval_dir: Path, models: list[str], task: str, path: Path, scale: int = 3, columns: int = 8) -> None:
     """One row per model, one column per held-out prompt (its first seed, the same for every model), the
     prompt written above its column."""

@@ -23,13 +23,15 @@ from pathlib import Path
 
 from flowopd.config import ConfigError, GRPOConfig
 from flowopd.data import DataError
-from pipelines.launch import setup_logging
+from pipelines.launch import STOPPED, add_time_limit, deadline, setup_logging
 from pipelines.preflight import read_sources
 from pipelines.recipe import Recipe, load_recipe, shorten
 from pipelines.report import (
     Results,
     comparison_claims,
     markdown_table,
+    probe_curve,
+    probe_plot,
     rows_json,
     table_rows,
     task_columns,
@@ -107,6 +109,11 @@ def publish(recipe: Recipe, dest: Path, force: bool) -> Path:
     training = [s for s in recipe.stages if s != "evaluate"]
     training_curves(recipe.out, training, res.tasks, tmp / "curves.png")
     doc = manifest(recipe, models, rows)
+    probes = {s: probe_curve(recipe.out / s / "probe.jsonl") for s in training
+              if (recipe.out / s / "probe.jsonl").exists()}
+    if probes:  # held-out reward against samples, every `probe.every` steps of each stage
+        probe_plot({s.removeprefix("teachers/"): pts for s, pts in probes.items()}, tmp / "probe.png")
+        doc["probe_curves"] = probes
     claims = teacher_claims(res, route(recipe)) + comparison_claims(
         res, [("grpo_mix", "base"), ("cascade", "base"), ("cascade", "grpo_mix")])
     doc["claims"] = [c.removeprefix("* ") for c in claims]
@@ -129,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing --output")
     ap.add_argument("--quick", action="store_true", help="2 steps per training stage, a small evaluation")
     ap.add_argument("--no-progress", action="store_true")
+    add_time_limit(ap)
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the recipe file")
     args = ap.parse_intermixed_args(argv)
     setup_logging()
@@ -144,7 +152,8 @@ def main(argv=None) -> int:
         return 2
     started = time.time()
     recipe.out.mkdir(parents=True, exist_ok=True)
-    recipe.run(progress=not args.no_progress)
+    if recipe.run(progress=not args.no_progress, deadline=deadline(args.time_limit)) is None:
+        return STOPPED
     path = publish(recipe, dest, args.force)
     log.info("published to %s in %.1f min", path, (time.time() - started) / 60)
     print((path / "README.md").read_text())

@@ -24,16 +24,20 @@ import sys
 import time
 from pathlib import Path
 
+from world.grammar import LAYOUTS
+
 WORK_DIR = ".train_world"  # an interrupted run's VAE and transformer checkpoint
-RUN_SETTINGS = ("seed", "per_task", "imperfect", "vae_steps", "steps", "batch_size", "lr", "layers", "heads",
-                "device")  # what a resumed run must share with the interrupted one
+RUN_SETTINGS = ("seed", "per_task", "imperfect", "layout", "vae_steps", "steps", "batch_size", "lr", "layers",
+                "heads", "device")  # what a resumed run must share with the interrupted one
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="assets/world")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-task", type=int, default=4000, help="renderings per task")
-    ap.add_argument("--imperfect", type=float, default=0.3, help="fraction of renderings that are wrong")
+    ap.add_argument("--imperfect", type=float, default=0.4, help="fraction of renderings that are wrong")
+    ap.add_argument("--layout", choices=LAYOUTS, default="grid",
+                    help="where composition objects go (world.grammar.render; assets/world used 'row')")
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--steps", type=int, default=10000, help="transformer steps")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     torch.manual_seed(args.seed)
     records = [r for train, _ in world_records(args.seed).values() for r in train]
-    prompts, images = training_images(records, args.per_task, args.imperfect, args.seed)
+    prompts, images = training_images(records, args.per_task, args.imperfect, args.seed, args.layout)
     print(f"[train_world] {len(records)} training prompts, {len(images)} renderings", file=sys.stderr)
     size = {"num_layers": args.layers} if args.layers else {}
     if args.heads:  # the text stream's width must equal the image stream's (heads x 32)

@@ -24,6 +24,10 @@ class Reward(ABC):
     def __call__(self, images, prompts, metadata) -> dict[str, np.ndarray]:
         return self.score(images, prompts, metadata)
 
+    @classmethod
+    def check_kwargs(cls, **kwargs) -> None:
+        """Raise ValueError for settings that bind but cannot work; called before any actor starts."""
+
     def differentiable(self, images, prompts: list[str], metadata: list[dict]):
         """The training reward (outputs[0]) of float images, a torch tensor (N, 3, H, W) in [0, 1], as a
         tensor (N,) differentiable in them: what reward back-propagation needs. Optional."""

@@ -77,10 +77,19 @@ class RewardServer(_Remote):
     dict carries its prompt, as Flow-GRPO's GenEval records do and its GenEval server requires; GenEval
     also requires `extra: {only_strict: ...}`."""
 
+    GENEVAL_OUTPUTS = ("strict_rewards", "group_rewards", "group_strict_rewards")  # only GenEval's server
+
     def __init__(self, url: str, outputs=("scores",), extra: dict | None = None, **kw):
         super().__init__(url, **kw)
         self.outputs = tuple(outputs)
         self.extra = extra or {}
+
+    @classmethod
+    def check_kwargs(cls, outputs=("scores",), extra: dict | None = None, **kw) -> None:
+        geneval = [o for o in outputs if o in cls.GENEVAL_OUTPUTS]
+        if geneval and "only_strict" not in (extra or {}):
+            raise ValueError(f"outputs {geneval} are GenEval's reward server's, which answers every request "
+                             f"without `extra: {{only_strict: ...}}` with an error: add it (true or false)")
 
     def _post(self, payload: bytes, n: int) -> dict:
         r = self.session.post(self.url, data=payload, timeout=self.timeout)

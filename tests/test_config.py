@@ -137,7 +137,7 @@ def test_yaml_syntax_and_resolution_errors_are_one_line(tiny_assets, tmp_path):
     path.write_text("seed: 0\nmodel: {base: x\noutput_dir: y\n")
     with pytest.raises(ConfigError) as e:
         load_config(str(path))
-    assert str(e.value).startswith(f"{path}:3:") and "YAML syntax error" in str(e.value)
+    assert str(e.value).startswith(f"{path}:3:") and "YAML error" in str(e.value)
     assert "\n" not in str(e.value)
     # the tiny model: VAE scale 2 x patch 2; 17 would silently floor to 16
     _check(tiny_assets, tmp_path, r"model\.resolution: 18 is not a multiple of 4", **{"model.resolution": 18})
@@ -232,3 +232,37 @@ def test_rtdmd_configs_are_the_released_stage_two():
     assert RTDMDTrainer.make_objective(sd35).backprop.base == sd35.model.base
     tiny = _tiny("tiny_rtdmd.yaml", RTDMDConfig)
     assert tiny.rtdmd.backprop.reward == "brightness" and tiny.needs_transitions()
+
+
+def test_bad_inputs_are_one_line_errors_naming_the_file(tiny_assets, tmp_path):
+    """Each of these used to end in a traceback inside an actor, or to be accepted silently."""
+    import json
+    import shutil
+    teacher = tiny_assets / "teachers" / "ocr_teacher"
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(teacher, corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    errors = [(r"teachers\.ocr_teacher\.adapter: .*corrupt/adapter_model\.safetensors: cannot be read",
+               {"teachers.ocr_teacher": {"adapter": str(corrupt)}})]
+    wrong_rank = tmp_path / "wrong_rank"
+    shutil.copytree(teacher, wrong_rank)
+    cfg = json.loads((wrong_rank / "adapter_config.json").read_text())
+    (wrong_rank / "adapter_config.json").write_text(json.dumps({**cfg, "r": cfg["r"] // 2}))
+    says = rf"teachers\.ocr_teacher\.adapter: .*has rank {cfg['r']}, but .*adapter_config\.json says r={cfg['r'] // 2}"
+    errors.append((says, {"teachers.ocr_teacher": {"adapter": str(wrong_rank)}}))
+    (tmp_path / "latin1.txt").write_bytes('a sign that says "ok"\na caf\xe9 sign that says "no"\n'.encode("latin-1"))
+    errors.append((r"data\.sources\[0\]: .*latin1\.txt:2: not UTF-8",
+                   {"data.sources": [{"path": str(tmp_path / "latin1.txt"), "format": "ocr"}]}))
+    (tmp_path / "a_file").write_text("")
+    errors.append((r"output_dir\b.*a_file is an existing file", {}))
+    for match, changes in errors:
+        path = tmp_path / "c.yaml"
+        raw = tiny_config_dict(tiny_assets, tmp_path / ("a_file" if not changes else "out"), **changes)
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=match) as e:
+            preflight(load_config(str(path)))
+        if changes:  # (a validation error is the file's name, then one line per bad key)
+            assert "\n" not in str(e.value), str(e.value)
+    path.write_text("seed: 0\noutput_dir: a\nseed: 1\n")
+    with pytest.raises(ConfigError, match=rf"{path}:3:1: YAML error: key 'seed' is given twice"):
+        load_config(str(path))

@@ -79,3 +79,22 @@ def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_assets, tmp_pat
     assert moved > 1e-4
     for k in states[0]:
         np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_cosine_learning_rate_schedule_sets_each_optimizer_step(tiny_assets, tmp_path):
+    """With a cosine schedule the learner's step k uses lr * factor(k) (warm-up 2 of 5 steps, final 0.1),
+    the closed form written out here, not read from flowopd.learner."""
+    import math
+    lr, total, warmup, final = 1e-2, 5, 2, 0.1
+    raw = tiny_config_dict(tiny_assets, tmp_path, **{"learner.lr": lr, "learner.lr_schedule": "cosine",
+                                                     "learner.lr_warmup": warmup, "learner.lr_final": final,
+                                                     "train.steps": total})
+    cfg = OPDConfig.model_validate(raw)
+    learner = Learner(cfg, OPDTrainer.make_objective(cfg), device="cpu")
+    expected = [1 / 2, 2 / 2] + [final + (1 - final) * (1 + math.cos(math.pi * p)) / 2 for p in (0, 0.5, 1)]
+    seen = []
+    for _ in range(total):
+        learner.train_step(_batch(tiny_assets), 6)
+        seen.append(learner.opt.param_groups[0]["lr"] / lr)
+    np.testing.assert_allclose(seen, expected, rtol=1e-12)
+    assert seen[-1] == pytest.approx(final) and seen[2] == pytest.approx(1.0)

@@ -190,3 +190,45 @@ def test_grpo_config_errors(tiny_assets, tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match=r"bad\.txt:2"):
         preflight(load_config(str(path), cls=GRPOConfig))
+
+
+def test_grpo_time_limit_probe_and_lr_schedule_resume_exactly(tiny_assets, tmp_path):
+    """A job stopped by its time limit checkpoints the step it is at; a new trainer resumes it to the same
+    final weights, EMA and probe curve as an uninterrupted run (cosine learning rate, probe every 2 steps)."""
+    import time
+
+    from flowopd.checkpoint import CheckpointManager
+    from pipelines.report import probe_curve
+    changes = {"train.steps": 4, "train.checkpoint_every": 4, "data.prompts_per_step": 2, "learner.lr_schedule": "cosine",
+               "learner.lr_warmup": 1, "probe": {"sources": [{"path": str(tiny_assets / "geneval_train.jsonl"),
+                                                               "format": "geneval"}],
+                                                  "every": 2, "max_prompts_per_source": 3, "samples_per_prompt": 2}}
+    runs = {}
+    for name in ("straight", "split"):
+        cfg = _grpo_config(tiny_assets, tmp_path / name, **changes)
+        tr = GRPOTrainer(cfg, preflight(cfg))
+        try:
+            tr.run(progress=False, deadline=time.time() + 0.5 if name == "split" else None)
+            if name == "split":  # stopped after step 1, which is checkpointed although checkpoint_every is 4
+                assert tr.stopped and tr.step_done == 1
+                assert CheckpointManager(tmp_path / name / "checkpoints").latest().name == "step_00000001"
+                tr.shutdown()
+                tr = GRPOTrainer(cfg, preflight(cfg))
+                assert tr.resume() == 1
+                tr.run(progress=False)
+            assert not tr.stopped and tr.step_done == 4
+            runs[name] = (tr.lora, tr.ema)
+        finally:
+            tr.shutdown()
+    for a, b in zip(runs["straight"], runs["split"]):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    probes = {n: [json.loads(x) for x in (tmp_path / n / "probe.jsonl").read_text().splitlines()] for n in runs}
+    assert [p["step"] for p in probes["straight"]] == [0, 2, 4] and probes["split"] == probes["straight"]
+    assert len(probes["straight"][0]["reward"]) == 3 * 2 and probes["straight"][2]["samples"] == 4 * 2 * 8
+    curve = probe_curve(tmp_path / "straight" / "probe.jsonl")
+    assert curve[0]["geneval_gain"]["mean"] == 0.0  # step 0 against itself
+    last = np.asarray(probes["straight"][2]["reward"]) - np.asarray(probes["straight"][0]["reward"])
+    assert curve[2]["geneval_gain"]["mean"] == pytest.approx(last.mean())
+    metrics = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(m.get("probe", {})) for m in metrics] == [[], ["geneval"], [], ["geneval"]]

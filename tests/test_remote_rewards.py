@@ -173,3 +173,9 @@ def test_geneval_server_gets_its_prompts_and_partial_credit_trains(url, tmp_path
     without = make_reward("reward_server", {"url": f"{url}/geneval", "retries": 0})  # no only_strict: a 500
     with pytest.raises(RewardError, match="500"):
         without.score(images, [x.prompt for x in records], [x.metadata for x in records])
+    # a pool asking for GenEval's outputs without only_strict is refused before any actor starts
+    from flowopd.config import ConfigError, RewardSpec
+    from pipelines.preflight import check_reward_specs
+    spec = RewardSpec(name="reward_server", kwargs={"url": f"{url}/geneval", "outputs": ["scores", "strict_rewards"]})
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.kwargs: outputs \['strict_rewards'\] are GenEval's .*only_strict"):
+        check_reward_specs([spec])

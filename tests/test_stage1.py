@@ -24,6 +24,9 @@ def _stage1_recipe(tiny_assets, out) -> dict:
     train = {"steps": 1, "checkpoint_every": 1}
     raw["teachers"]["geneval_teacher"]["grpo"]["train"] = train
     raw["teachers"]["geneval_teacher"]["grpo"]["data"]["group_size"] = 4
+    raw["teachers"]["geneval_teacher"]["grpo"]["probe"] = {
+        "sources": [{"path": str(tiny_assets / "geneval_train.jsonl"), "format": "geneval"}],
+        "max_prompts_per_source": 2, "samples_per_prompt": 2, "every": 1}
     raw["teachers"]["ocr_teacher"] = {"grpo": {
         "data": {"sources": [{"path": str(tiny_assets / "ocr_train.txt"), "format": "ocr"}], "prompts_per_step": 4,
                  "group_size": 4},
@@ -39,6 +42,9 @@ def test_stage1_trains_publishes_and_its_scores_are_reused(tiny_assets, tmp_path
     cfg = tmp_path / "stage1.yaml"
     cfg.write_text(yaml.safe_dump(_stage1_recipe(tiny_assets, tmp_path / "work")))
     dest = tmp_path / "published"
+    # a time limit that has passed: nothing starts, nothing is published, and the same command goes on later
+    assert stage1.main(["--config", str(cfg), "--output", str(dest), "--no-progress", "--time-limit", "0"]) == 3
+    assert not dest.exists() and not list((tmp_path / "work").rglob("DONE.json"))
     assert stage1.main(["--config", str(cfg), "--output", str(dest), "--no-progress"]) == 0
     man = json.loads((dest / "manifest.json").read_text())
     assert set(man["models"]) == {"geneval_teacher", "ocr_teacher", "anchor", "grpo_mix", "cascade"}
@@ -56,6 +62,10 @@ def test_stage1_trains_publishes_and_its_scores_are_reused(tiny_assets, tmp_path
     assert set(rows) == {"base", *man["models"]} and all(0 <= r["average"]["mean"] <= 1 for r in rows.values())
     assert any("geneval: geneval_teacher − base" in c for c in man["claims"])
     assert (dest / "curves.png").stat().st_size > 1000
+    (probe,) = man["probe_curves"].values()  # the teacher with a probe: held-out reward at steps 0 and 1
+    assert list(man["probe_curves"]) == ["teachers/geneval_teacher"] and [p["step"] for p in probe] == [0, 1]
+    assert probe[1]["samples"] == 16 and {"geneval", "geneval_gain"} <= set(probe[1])
+    assert (dest / "probe.png").stat().st_size > 1000
     assert stage1.main(["--config", str(cfg), "--output", str(dest), "--no-progress"]) == 2  # no --force
 
     # an evaluation with the same settings takes the published rows of the same weights, under any name

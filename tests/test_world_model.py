@@ -2,10 +2,11 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from flowopd.models import load_pipeline, quiet_libraries
-from pipelines import train_world
+from pipelines import train_world, world_signal
 from rewards import make_reward
 from tests.conftest import ROOT
 from world.base_model import world_records
@@ -61,7 +62,7 @@ def test_train_world_writes_a_loadable_model_and_never_overwrites(tmp_path, caps
     args = ["--output", str(out), "--per-task", "3", "--vae-steps", "2", "--steps", "2", "--batch-size", "8"]
     assert train_world.main(args) == 0
     report = json.loads((out / "train_world.json").read_text())
-    assert report["renderings"] == 9 and report["training_prompts"] > 300
+    assert report["renderings"] == 9 and report["training_prompts"] > 300 and report["layout"] == "grid"
     pipe = load_pipeline(str(out / "base"))
     assert pipe.transformer.config.sample_size == 16 and pipe.vae.config.scaling_factor != 1.5305
     assert report["transformer_parameters"] == sum(p.numel() for p in pipe.transformer.parameters())
@@ -87,7 +88,43 @@ def test_train_world_stops_at_its_time_limit_and_resumes_exactly(tmp_path, capsy
     assert "--resume" in capsys.readouterr().err
     assert train_world.main([*args, "--output", str(split), "--resume", "--lr", "0.01"]) == 2  # ...nor changed
     assert "--lr is 0.01" in capsys.readouterr().err
+    assert train_world.main([*args, "--output", str(split), "--resume", "--layout", "row"]) == 2
+    assert "--layout is 'row'" in capsys.readouterr().err
     assert train_world.main([*args, "--output", str(split), "--resume"]) == 0
     for f in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         assert (straight / "base" / f).read_bytes() == (split / "base" / f).read_bytes(), f
     assert not (split / ".train_world").exists()
+
+
+def test_group_signal_has_no_spread_without_noise_and_some_with_it():
+    """With every step deterministic and a shared initial noise, a group's samples are one image: no spread in
+    any window. Each sample's own initial noise gives spread (the row a default GRPO step sees)."""
+    from world import signal
+    quiet_libraries()
+    pipe = load_pipeline(str(ASSETS / "base"))
+    recs = _records("style", "train")[:2]
+    rows = signal.group_signal(pipe, REWARDS["style"], recs, group_size=3, seed=0,
+                               windows={"steps 0-4": [0, 1, 2, 3, 4]}, noise_level=0.0, num_steps=5)
+    assert rows["steps 0-4"] == {**rows["steps 0-4"], "mean_group_std": 0.0, "zero_std": 1.0}
+    assert rows["all steps, own noise"]["zero_std"] == 0.0
+    rows = signal.group_signal(pipe, REWARDS["style"], recs, group_size=3, seed=0,
+                               windows={"steps 0-4": [0, 1, 2, 3, 4]}, noise_level=0.7, num_steps=5)
+    assert rows["steps 0-4"]["zero_std"] == 0.0
+
+
+def test_world_signal_reports_every_task(tmp_path, capsys):
+    out = tmp_path / "signal.json"
+    args = ["--world", str(ASSETS), "--prompts", "2", "--seeds", "1", "--groups", "1", "--group-size", "2",
+            "--out", str(out)]
+    assert world_signal.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["layout"] == "row"  # the shipped world predates the grid layout
+    assert list(report["tasks"]) == ["composition", "text", "style"]
+    for row in report["tasks"].values():
+        assert row["fit_train"]["n"] == 2 and 0 <= row["fit_test"]["mean"] <= 1
+        assert set(row["groups"]) == {*world_signal.WINDOWS, "all steps, own noise"}
+    assert report["tasks"]["text"]["vae_ceiling"] > 0.75
+    assert sum(report["tasks"]["text"]["text_errors"].values()) == pytest.approx(1)
+    assert "| composition |" in capsys.readouterr().out
+    assert world_signal.main(["--world", str(tmp_path)]) == 2
+    assert "base/model_index.json is missing" in capsys.readouterr().err

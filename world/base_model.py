@@ -14,7 +14,16 @@ import torch
 
 from flowopd.models import encode_prompts
 
-from .grammar import composition_prompts, render, render_imperfect, split, style_prompts, text_prompts, write_jsonl
+from .grammar import (
+    composition_prompts,
+    render,
+    render_imperfect,
+    split,
+    style_prompts,
+    text_prompts,
+    unseen_recombinations,
+    write_jsonl,
+)
 
 MAX_SEQUENCE_LENGTH = 40
 TASKS = ("composition", "text", "style")
@@ -27,17 +36,21 @@ def world_records(seed: int = 0) -> dict[str, tuple[list[dict], list[dict]]]:
 
 
 def write_prompt_files(root: Path, seed: int = 0) -> dict[str, Path]:
-    """world_<task>_<split>.jsonl with prompt, task and metadata, readable by `format: jsonl` sources."""
+    """world_<task>_<split>.jsonl with prompt, task and metadata, readable by `format: jsonl` sources, and
+    world_unseen.jsonl: held-out prompts that recombine nothing seen in training (`unseen_recombinations`)."""
     root.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for task, parts in world_records(seed).items():
-        for name, records in zip(("train", "test"), parts):
+    records = world_records(seed)
+    for task, parts in records.items():
+        for name, recs in zip(("train", "test"), parts):
             path = paths[f"{task}_{name}"] = root / f"world_{task}_{name}.jsonl"
-            write_jsonl(path, records)
+            write_jsonl(path, recs)
+    paths["unseen"] = root / "world_unseen.jsonl"
+    write_jsonl(paths["unseen"], unseen_recombinations([r for train, _ in records.values() for r in train], seed=seed))
     return paths
 
 
-def training_images(records: list[dict], per_task: int, imperfect: float, seed: int):
+def training_images(records: list[dict], per_task: int, imperfect: float, seed: int, layout: str = "grid"):
     """(prompts, uint8 images): `per_task` renderings of each task, spread evenly over its prompts (so a
     task with few prompts is not drowned out), a fraction `imperfect` of them wrong."""
     rng = np.random.default_rng(seed)
@@ -49,7 +62,7 @@ def training_images(records: list[dict], per_task: int, imperfect: float, seed: 
         for i in range(per_task):
             record = recs[i % len(recs)]
             wrong = rng.random() < imperfect
-            images.append(render_imperfect(record, rng) if wrong else render(record, rng))
+            images.append(render_imperfect(record, rng, layout) if wrong else render(record, rng, layout))
             prompts.append(record["prompt"])
     return prompts, np.stack(images)
 

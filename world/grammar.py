@@ -5,7 +5,7 @@ and exact renderings of what each prompt asks for, so rewards can be exact progr
 * text: short strings drawn with a 3x5 bitmap font (OCR-style metadata: the target text);
 * style: a "vivid" request scored by saturation, a preference-like reward that is easy to hack and pulls
   against the other two (a saturated background hides shapes and glyphs).
-Images are 32x32 RGB on a white background.
+Images are 32x32 RGB on a white background; `render`'s layout says where composition objects go.
 """
 import itertools
 import json
@@ -78,6 +78,34 @@ def style_prompts() -> list[dict]:
             for c, s in itertools.product(PALETTE, SHAPES)]
 
 
+def unseen_recombinations(train: list[dict], n_text: int = 60, seed: int = 0) -> list[dict]:
+    """Held-out prompts that recombine nothing seen in training, for a generalisation check beside the
+    ordinary held-out split:
+    * text: strings of the training alphabet and length in which no two (character, position) pairs ever
+      occurred together in a training string (every character may have been seen at its position, but never
+      with these neighbours);
+    * composition: left/right relations between two objects (colour and shape) that no training prompt puts
+      together, in either order."""
+    pairs = {frozenset(((a, i), (b, j))) for r in train if r["task"] == "text"
+             for i, a in enumerate(r["metadata"]["text"]) for j, b in enumerate(r["metadata"]["text"]) if i < j}
+    seen_text = {r["metadata"]["text"] for r in train if r["task"] == "text"}
+    length = len(next(iter(seen_text)))
+    chars = sorted(FONT)
+    rng = np.random.default_rng(seed)
+    words: list[str] = []
+    while len(words) < n_text:
+        w = "".join(rng.choice(chars, length))
+        if w not in words and not any(frozenset(((w[i], i), (w[j], j))) in pairs
+                                      for i in range(length) for j in range(i + 1, length)):
+            words.append(w)
+    out = [{"task": "text", "prompt": f'a sign that says "{w}"', "metadata": {"text": w}} for w in words]
+    together = {frozenset(f"{q['color']} {q['class']}" for q in r["metadata"]["include"])
+                for r in train if r["task"] == "composition" and r["metadata"]["tag"] == "position"}
+    out += [r for r in composition_prompts() if r["metadata"]["tag"] == "position" and frozenset(
+        f"{q['color']} {q['class']}" for q in r["metadata"]["include"]) not in together]
+    return out
+
+
 def split(records: list[dict], held_out: float = 0.2, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Train/test split by whole prompts: test combinations never appear in training."""
     idx = np.random.default_rng(seed).permutation(len(records))
@@ -90,8 +118,18 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def render(record: dict, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The exact image a record asks for (uint8, SIZE x SIZE x 3); rng varies sizes and placements."""
+LAYOUTS = ("grid", "row")  # how composition objects are placed: see `render`
+
+
+def render(record: dict, rng: np.random.Generator | None = None, layout: str = "grid") -> np.ndarray:
+    """The exact image a record asks for (uint8, SIZE x SIZE x 3); rng varies sizes and placements.
+
+    Layout "grid" (the default) draws objects 10-12 px wide, a group in distinct cells of a 2x2 grid and a
+    left/right pair in the two halves, so no two objects ever touch and each shape stays distinct after the
+    VAE. "row" is the first world's layout (assets/world): 7-9 px objects in one row, same-colour
+    neighbours may touch."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rng = rng or np.random.default_rng(0)
     img = np.full((SIZE, SIZE, 3), 255, np.uint8)
     meta = record["metadata"]
@@ -109,21 +147,43 @@ def render(record: dict, rng: np.random.Generator | None = None) -> np.ndarray:
         objects += [(req["class"], req["color"])] * req["count"]
     if meta.get("tag") == "position":  # the second requirement is left of the first
         objects = objects[::-1]
-    size = int(rng.integers(7, 10))
-    slots = len(objects)
-    row = int(rng.integers(2, SIZE - size - 2))  # objects share a row: relations read as left/right
-    for i, (shape, color) in enumerate(objects):
-        lane = SIZE // slots
-        x = i * lane + int(rng.integers(0, max(1, lane - size)))
-        y = row + int(rng.integers(-1, 2))
-        y = min(max(y, 0), SIZE - size)
+    place = _grid_places if layout == "grid" else _row_places
+    for (shape, color), (x, y, size) in zip(objects, place(len(objects), meta.get("tag") == "position", rng)):
         img[y:y + size, x:x + size][shape_mask(shape, size)] = PALETTE[color]
     if record["task"] == "style":
         img[(img == 255).all(-1)] = (255, 160, 200)  # the style's preferred vivid background
     return img
 
 
-def render_imperfect(record: dict, rng: np.random.Generator) -> np.ndarray:
+def _row_places(n: int, ordered: bool, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    size = int(rng.integers(7, 10))
+    row = int(rng.integers(2, SIZE - size - 2))  # objects share a row: relations read as left/right
+    lane = SIZE // n
+    return [(i * lane + int(rng.integers(0, max(1, lane - size))),
+             min(max(row + int(rng.integers(-1, 2)), 0), SIZE - size), size) for i in range(n)]
+
+
+def _grid_places(n: int, ordered: bool, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(x, y, size) per object: a left/right pair in the two halves at one height (+-2 px); otherwise
+    (or a pair's mistake with a third object) distinct random cells of the 2x2 grid. Margins inside each 16-px cell keep objects 3 px apart."""
+    cell = SIZE // 2
+    size = int(rng.integers(10, 13))
+    if ordered and n == 2:
+        y = int(rng.integers(1, SIZE - size))
+        return [(i * cell + int(rng.integers(1, cell - size - 1)),
+                 min(max(y + int(rng.integers(-2, 3)), 0), SIZE - size), size) for i in range(n)]
+    cells = rng.permutation(4)[:n] if n > 1 else [None]
+    out = []
+    for c in cells:
+        if c is None:  # a single object anywhere
+            out.append((int(rng.integers(0, SIZE - size + 1)), int(rng.integers(0, SIZE - size + 1)), size))
+        else:
+            out.append(((c % 2) * cell + int(rng.integers(1, cell - size - 1)),
+                        (c // 2) * cell + int(rng.integers(1, cell - size - 1)), size))
+    return sorted(out)  # left to right, like the row layout
+
+
+def render_imperfect(record: dict, rng: np.random.Generator, layout: str = "grid") -> np.ndarray:
     """A plausible mistake for the record: the base model's training data holds these so that it leaves
     headroom on every task (wrong count, colour or shape, mirrored relation, wrong or missing glyph,
     plain background for a vivid request)."""
@@ -135,11 +195,11 @@ def render_imperfect(record: dict, rng: np.random.Generator) -> np.ndarray:
             del text[i]
         else:
             text[i] = str(rng.choice([c for c in FONT if c != text[i]]))
-        return render({**record, "metadata": {"text": "".join(text)}}, rng)
+        return render({**record, "metadata": {"text": "".join(text)}}, rng, layout)
     if record["task"] == "style" and rng.random() < 0.6:
-        return render({**record, "task": "composition"}, rng)
+        return render({**record, "task": "composition"}, rng, layout)
     if meta.get("tag") == "position" and rng.random() < 0.5:
-        return render(record, rng)[:, ::-1].copy()
+        return render(record, rng, layout)[:, ::-1].copy()
     include = [dict(req) for req in meta["include"]]
     req = include[int(rng.integers(len(include)))]
     kind = rng.integers(3)
@@ -150,4 +210,4 @@ def render_imperfect(record: dict, rng: np.random.Generator) -> np.ndarray:
     else:
         step = 1 if req["count"] == 1 else (-1 if req["count"] == 3 else int(rng.choice([-1, 1])))
         req["count"] += step
-    return render({**record, "metadata": {**meta, "include": include}}, rng)
+    return render({**record, "metadata": {**meta, "include": include}}, rng, layout)

@@ -33,7 +33,31 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def detect_shapes(image: np.ndarray, min_area: int = 12) -> dict[str, list]:
+SHAPE_RULES = ("template", "fill")
+
+
+def _templates(h: int, w: int) -> dict[str, np.ndarray]:
+    """Each shape drawn to fill an h x w box, as the grammar draws it in a square one."""
+    yy, xx = np.mgrid[:h, :w] + 0.5
+    return {"square": np.ones((h, w), dtype=bool),
+            "circle": ((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2 <= 1,
+            "triangle": np.abs(xx - w / 2) <= yy / h * w / 2}
+
+
+def classify_shape(mask: np.ndarray, rule: str = "template") -> str:
+    """The shape of one object's pixel mask (cropped to its bounding box).
+
+    "template": the shape whose drawing in that box overlaps the mask best (intersection over union), so
+    a blurred square with rounded corners stays a square and a squat triangle a triangle. "fill": the first
+    world's rule on the fill ratio alone (> 0.9 square, > 0.68 circle, else triangle)."""
+    if rule == "fill":
+        fill = mask.mean()
+        return "square" if fill > 0.9 else ("circle" if fill > 0.68 else "triangle")
+    iou = {k: (mask & t).sum() / (mask | t).sum() for k, t in _templates(*mask.shape).items()}
+    return max(iou, key=iou.get)
+
+
+def detect_shapes(image: np.ndarray, min_area: int = 12, rule: str = "template") -> dict[str, list]:
     """{shape: [(box, confidence 1.0, colour), ...]} left to right."""
     img = image.astype(np.float64)
     names = list(PALETTE)
@@ -45,9 +69,10 @@ def detect_shapes(image: np.ndarray, min_area: int = 12) -> dict[str, list]:
             if len(comp) < min_area:
                 continue
             (y0, x0), (y1, x1) = comp.min(0), comp.max(0) + 1
-            fill = len(comp) / ((y1 - y0) * (x1 - x0))
-            shape = "square" if fill > 0.9 else ("circle" if fill > 0.68 else "triangle")
-            objects.setdefault(shape, []).append(([float(x0), float(y0), float(x1), float(y1)], 1.0, color))
+            mask = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+            mask[comp[:, 0] - y0, comp[:, 1] - x0] = True
+            objects.setdefault(classify_shape(mask, rule), []).append(
+                ([float(x0), float(y0), float(x1), float(y1)], 1.0, color))
     return {k: sorted(v, key=lambda o: o[0][0]) for k, v in objects.items()}
 
 
@@ -56,14 +81,20 @@ def detected_colors(cls: str, found: list) -> list[str]:
 
 
 class WorldComposition(Reward):
-    """GenEval's rules on the programmatic detector: partial credit and strict accuracy."""
+    """GenEval's rules on the programmatic detector: partial credit and strict accuracy. `shape_rule` picks
+    the detector's shape classifier (`classify_shape`); the first world's models were scored with "fill"."""
 
     outputs = ("composition", "composition_strict")
+
+    def __init__(self, shape_rule: str = "fill"):
+        if shape_rule not in SHAPE_RULES:
+            raise ValueError(f"world_composition: shape_rule must be one of {SHAPE_RULES}, got {shape_rule!r}")
+        self.shape_rule = shape_rule
 
     def score(self, images, prompts, metadata):
         partial, strict = [], []
         for image, meta in zip(images, metadata):
-            p, s, _ = evaluate(detect_shapes(image), meta, detected_colors)
+            p, s, _ = evaluate(detect_shapes(image, rule=self.shape_rule), meta, detected_colors)
             partial.append(p)
             strict.append(s)
         return {"composition": np.asarray(partial), "composition_strict": np.asarray(strict)}
