@@ -143,7 +143,8 @@ class GRPOTrainer(RewardedTrainer, Trainer):
         image's reward (the same prompts, seeds and noise at every step: curves are paired), the task means
         for the metrics."""
         pc, sc = self.cfg.probe, self.cfg.sampling
-        recs = [r for r in self.probe_records for _ in range(pc.samples_per_prompt)]
+        counts = [pc.samples(r.task) for r in self.probe_records]
+        recs = [r for r, k in zip(self.probe_records, counts) for _ in range(k)]
         prompts, tasks = [r.prompt for r in recs], np.asarray([r.task for r in recs])
         lora = ray.put(self.final_adapter())
         shards = np.array_split(np.arange(len(recs)), len(self.workers))
@@ -156,7 +157,7 @@ class GRPOTrainer(RewardedTrainer, Trainer):
         reward = self.rewards.combine(scores, tasks)
         data = self.cfg.data
         line = {"step": step, "samples": step * data.prompts_per_step * data.group_size,
-                "samples_per_prompt": pc.samples_per_prompt, "prompts": [r.prompt for r in self.probe_records],
+                "samples_per_prompt": counts, "prompts": [r.prompt for r in self.probe_records],
                 "tasks": [r.task for r in self.probe_records], "reward": [None if np.isnan(v) else float(v) for v in reward]}
         with open(self.probe_path, "a") as f:
             f.write(json.dumps(line) + "\n")

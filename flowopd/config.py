@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 # The paper's (and Flow-GRPO's) LoRA targets: every attention projection of both MMDiT streams.
 LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -385,10 +385,14 @@ class ProbeConfig(Strict):
     sources: list[DataSource] = Field(min_length=1)
     every: int = Field(10, gt=0)
     max_prompts_per_source: int | None = Field(32, gt=0)  # the first N of each file: fixed, never chosen by result
-    samples_per_prompt: int = Field(4, gt=0)
+    # one count, or {task: count}: a task with few prompts needs more seeds for a tight CI
+    samples_per_prompt: PositiveInt | dict[str, PositiveInt] = 4
     num_steps: int | None = Field(None, gt=0)  # default: sampling.num_steps
     guidance: float | None = None  # default: sampling.guidance
     seed: int = 0
+
+    def samples(self, task: str) -> int:
+        return samples_for(self.samples_per_prompt, task, "probe.samples_per_prompt")
 
 
 MIN_SAMPLES_PER_UPDATE = 256  # below this a GRPO update on a sparse reward is mostly noise
@@ -615,12 +619,16 @@ class EvalConfig(RunConfig):
         return {**reward_groups(self.rewards), "rollout": (self.rollout, self.rollout.workers)}
 
     def samples_for(self, task: str) -> int:
-        counts = self.samples_per_prompt
-        if not isinstance(counts, dict):
-            return counts
-        if task not in counts:
-            raise ConfigError(f"samples_per_prompt: no count for task {task!r} (given: {sorted(counts)})")
-        return counts[task]
+        return samples_for(self.samples_per_prompt, task, "samples_per_prompt")
+
+
+def samples_for(counts: int | dict[str, int], task: str, key: str) -> int:
+    """Seeds per prompt of `task` from one count or a {task: count} mapping (`key` names it in errors)."""
+    if not isinstance(counts, dict):
+        return counts
+    if task not in counts:
+        raise ConfigError(f"{key}: no count for task {task!r} (given: {sorted(counts)})")
+    return counts[task]
 
 
 class MergeSettings(Strict):

@@ -92,9 +92,11 @@ def read_sources(specs, key: str = "data.sources") -> list[list[PromptRecord]]:
 
 
 def _check_probe(cfg, sources: list[list[PromptRecord]]) -> None:
-    """Every probe prompt is of a task some reward scores (else its reward would be NaN throughout)."""
+    """Every probe prompt is of a task some reward scores (else its reward would be NaN throughout) and has a
+    seed count."""
     for i, records in enumerate(sources):
         for r in records:
+            cfg.probe.samples(r.task)
             problem = cfg.task_problem(r.task)
             if problem:
                 raise ConfigError(f"probe.sources[{i}]: task {r.task!r} of prompt {r.prompt!r} {problem}")

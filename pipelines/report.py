@@ -103,12 +103,25 @@ def comparison_claims(res: Results, pairs: list[tuple[str, str]]) -> list[str]:
     return [f"* {verdict(res.diff(a, b), f'average: {a} − {b}')}" for a, b in pairs if {a, b} <= set(res.models)]
 
 
-def training_curves(out: Path, stages: list[str], tasks: list[str], path: Path) -> None:
-    """Per-task mean reward of each training stage's rollouts (moving average over 5 steps)."""
+def _task_figure(tasks: list[str], path: Path, xlabel: str, ylabel: str, draw) -> None:
+    """One panel per task, filled by draw(ax, task), saved as a PNG."""
     matplotlib.use("Agg")  # headless
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        draw(ax, task)
+        ax.set_title(task)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_curves(out: Path, stages: list[str], tasks: list[str], path: Path) -> None:
+    """Per-task mean reward of each training stage's rollouts (moving average over 5 steps)."""
+    def draw(ax, task):
         for stage in stages:
             f = out / stage / "metrics.jsonl"
             if not f.exists():
@@ -120,25 +133,18 @@ def training_curves(out: Path, stages: list[str], tasks: list[str], path: Path) 
                 k = min(5, len(vals))
                 ax.plot(steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid"),
                         label=stage.removeprefix("teachers/"))
-        ax.set_title(task)
-        ax.set_xlabel("step")
-        ax.set_ylabel("rollout reward")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _task_figure(tasks, path, "step", "rollout reward", draw)
 
 
 def probe_curve(path: Path) -> list[dict]:
     """A GRPO job's probe.jsonl as a curve: per probe step and task, the held-out reward and its gain over
     step 0 (paired per image: the same prompts, seeds and noise), each with its 95% CI."""
     lines = [json.loads(ln) for ln in Path(path).read_text().splitlines()]
-    first = next((ln for ln in lines if ln["step"] == 0), None)
+    rewards = [np.asarray([np.nan if v is None else v for v in ln["reward"]], dtype=np.float64) for ln in lines]
+    base = next((r for ln, r in zip(lines, rewards) if ln["step"] == 0), None)
     points = []
-    for ln in lines:
-        k = ln["samples_per_prompt"]
-        reward = np.asarray([np.nan if v is None else v for v in ln["reward"]], dtype=np.float64)
-        base = None if first is None else np.asarray([np.nan if v is None else v for v in first["reward"]], dtype=np.float64)
+    for ln, reward in zip(lines, rewards):
+        k = ln["samples_per_prompt"]  # one count per prompt
         strata, tasks = np.repeat(np.arange(len(ln["prompts"])), k), np.repeat(ln["tasks"], k)
         point = {"step": ln["step"], "samples": ln["samples"]}
         scored = np.isfinite(reward) if base is None else np.isfinite(reward) & np.isfinite(base)
@@ -153,25 +159,17 @@ def probe_curve(path: Path) -> list[dict]:
 
 def probe_plot(curves: dict[str, list[dict]], path: Path) -> None:
     """Held-out probe reward against training samples, one line per job, shaded 95% CIs; a panel per task."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    tasks = sorted({k for pts in curves.values() for p in pts for k in p if k not in ("step", "samples")
-                    and not k.endswith("_gain")})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    tasks = sorted({k for pts in curves.values() for p in pts for k in p
+                    if k not in ("step", "samples") and not k.endswith("_gain")})
+
+    def draw(ax, task):
         for name, pts in curves.items():
             pts = [p for p in pts if task in p]
             if pts:
                 x = [p["samples"] for p in pts]
                 ax.plot(x, [p[task]["mean"] for p in pts], marker=".", label=name)
                 ax.fill_between(x, [p[task]["lo"] for p in pts], [p[task]["hi"] for p in pts], alpha=0.2)
-        ax.set_title(task)
-        ax.set_xlabel("training samples")
-        ax.set_ylabel("probe reward (held-out, ODE)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _task_figure(tasks, path, "training samples", "probe reward (held-out, ODE)", draw)
 
 
 def sample_grid(eval_dir: Path, models: list[str], task: str, path: Path, scale: int = 3, columns: int = 8) -> None:

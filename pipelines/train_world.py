@@ -2,8 +2,9 @@
 
     python -m pipelines.train_world --output assets/world
 
-The VAE and then the transformer of a "world"-preset SD3 pipeline learn renderings of the training
-prompts (a fraction of them deliberately wrong), on CPU in about 75 minutes on 2 cores. The output is
+The VAE and then the transformer of a "world"-preset SD3 pipeline (with its text encoders, unless
+--text-encoders frozen) learn renderings of the training prompts (a fraction of them deliberately wrong), on
+CPU in about an hour on 2 cores. The output is
 a diffusers pipeline directory (safetensors) in <output>/base, prompt files world_<task>_<split>.jsonl,
 and train_world.json with the settings and final losses. An existing output is never overwritten.
 A larger base (--layers, --heads) trains in minutes on a GPU (--device cuda); its files stay on CPU.
@@ -27,8 +28,8 @@ from pathlib import Path
 from world.grammar import LAYOUTS
 
 WORK_DIR = ".train_world"  # an interrupted run's VAE and transformer checkpoint
-RUN_SETTINGS = ("seed", "per_task", "imperfect", "layout", "vae_steps", "steps", "batch_size", "lr", "layers",
-                "heads", "device")  # what a resumed run must share with the interrupted one
+RUN_SETTINGS = ("seed", "per_task", "imperfect", "layout", "text_encoders", "vae_steps", "steps", "batch_size", "lr",
+                "layers", "heads", "device")  # what a resumed run must share with the interrupted one
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--imperfect", type=float, default=0.4, help="fraction of renderings that are wrong")
     ap.add_argument("--layout", choices=LAYOUTS, default="grid",
                     help="where composition objects go (world.grammar.render; assets/world used 'row')")
+    ap.add_argument("--text-encoders", choices=("train", "frozen"), default="train",
+                    help="learn the text encoders with the transformer (they then carry which character stands "
+                         "where) or keep them random (assets/world did)")
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--steps", type=int, default=10000, help="transformer steps")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
     loss = train_transformer(pipe, prompts, images, args.steps, args.batch_size, args.lr, args.seed,
                              log=bar("transformer", args.steps, state["step"] if state else 0), device=args.device,
                              resume=state, checkpoint=save, checkpoint_every=args.checkpoint_every,
-                             stop=lambda: args.time_limit is not None and time.time() - started > 60 * args.time_limit)
+                             stop=lambda: args.time_limit is not None and time.time() - started > 60 * args.time_limit,
+                             train_text_encoders=args.text_encoders == "train")
     if loss is None:
         step = torch.load(checkpoint, weights_only=False)["step"]
         print(f"[train_world] time limit: stopped at transformer step {step} of {args.steps}; continue with "

@@ -62,9 +62,11 @@ def test_stage1_trains_publishes_and_its_scores_are_reused(tiny_assets, tmp_path
     assert set(rows) == {"base", *man["models"]} and all(0 <= r["average"]["mean"] <= 1 for r in rows.values())
     assert any("geneval: geneval_teacher − base" in c for c in man["claims"])
     assert (dest / "curves.png").stat().st_size > 1000
-    (probe,) = man["probe_curves"].values()  # the teacher with a probe: held-out reward at steps 0 and 1
-    assert list(man["probe_curves"]) == ["teachers/geneval_teacher"] and [p["step"] for p in probe] == [0, 1]
-    assert probe[1]["samples"] == 16 and {"geneval", "geneval_gain"} <= set(probe[1])
+    # the teacher with a probe, and the cascade stage trained with its settings: held-out reward at steps 0, 1
+    assert sorted(man["probe_curves"]) == ["cascade/1_geneval_teacher", "teachers/geneval_teacher"]
+    for probe in man["probe_curves"].values():
+        assert [p["step"] for p in probe] == [0, 1] and probe[1]["samples"] == 16
+        assert {"geneval", "geneval_gain"} <= set(probe[1])
     assert (dest / "probe.png").stat().st_size > 1000
     assert stage1.main(["--config", str(cfg), "--output", str(dest), "--no-progress"]) == 2  # no --force
 

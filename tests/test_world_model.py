@@ -67,9 +67,17 @@ def test_train_world_writes_a_loadable_model_and_never_overwrites(tmp_path, caps
     assert pipe.transformer.config.sample_size == 16 and pipe.vae.config.scaling_factor != 1.5305
     assert report["transformer_parameters"] == sum(p.numel() for p in pipe.transformer.parameters())
     bigger = tmp_path / "bigger"
-    assert train_world.main([*args[2:], "--output", str(bigger), "--layers", "4", "--heads", "4"]) == 0
+    assert train_world.main([*args[2:], "--output", str(bigger), "--layers", "4", "--heads", "4",
+                             "--text-encoders", "frozen"]) == 0
     config = load_pipeline(str(bigger / "base")).transformer.config
     assert (config.num_layers, config.num_attention_heads) == (4, 4)
+    # the text encoders learn with the transformer by default; frozen, they stay the random ones
+    from flowopd.models import build_random_pipeline
+    for run, size, moved in ((out, {}, True), (bigger, {"num_layers": 4, "num_attention_heads": 4,
+                                                         "caption_projection_dim": 128}, False)):
+        random_clip = build_random_pipeline("world", 0, **size).text_encoder.state_dict()
+        clip = load_pipeline(str(run / "base")).text_encoder.state_dict()
+        assert any(not torch.equal(clip[k], random_clip[k]) for k in clip) == moved, run
     stamp = (out / "base" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert train_world.main(args) == 2
     assert "--force" in capsys.readouterr().err
@@ -91,7 +99,8 @@ def test_train_world_stops_at_its_time_limit_and_resumes_exactly(tmp_path, capsy
     assert train_world.main([*args, "--output", str(split), "--resume", "--layout", "row"]) == 2
     assert "--layout is 'row'" in capsys.readouterr().err
     assert train_world.main([*args, "--output", str(split), "--resume"]) == 0
-    for f in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+    for f in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+              "text_encoder/model.safetensors", "text_encoder_3/model.safetensors"):
         assert (straight / "base" / f).read_bytes() == (split / "base" / f).read_bytes(), f
     assert not (split / ".train_world").exists()
 

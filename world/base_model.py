@@ -2,7 +2,9 @@
 
 Two phases, both plain PyTorch: the VAE learns to reconstruct 32 px renderings (its latent statistics
 then set the pipeline's shift and scaling factors), and the transformer learns them by rectified-flow
-matching with SD3's logit-normal timestep density and prompt dropout for classifier-free guidance.
+matching with SD3's logit-normal timestep density and prompt dropout for classifier-free guidance, with the
+text encoders learning beside it (random frozen encoders leave the transformer unable to bind a character
+to its position: measured in the README).
 The training images mix exact renderings with controlled mistakes (`grammar.render_imperfect`), so the
 base model is decent but leaves headroom on every task.
 """
@@ -119,11 +121,15 @@ def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, 
                       seed: int, cond_dropout: float = 0.1,
                       log: Callable[[int, float], None] = lambda i, loss: None, device: str = "cpu",
                       resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-                      checkpoint_every: int = 500, stop: Callable[[], bool] = lambda: False) -> float | None:
+                      checkpoint_every: int = 500, stop: Callable[[], bool] = lambda: False,
+                      train_text_encoders: bool = False) -> float | None:
     """Rectified flow: x_s = (1 - s) x0 + s eps, target eps - x0, s = sigmoid(N(0, 1)) as in SD3.
     Returns the mean loss over the last tenth of the steps. Every `checkpoint_every` steps, and when `stop()`
     turns true, `checkpoint` gets the training state: passed back as `resume`, it continues the run exactly
-    (same device). Returns None when it stopped before the last step."""
+    (same device). Returns None when it stopped before the last step.
+
+    With `train_text_encoders` the three text encoders learn with the transformer (each batch's prompts
+    encoded with gradients), so they can carry what the image needs, e.g. which character stands where."""
     g = torch.Generator().manual_seed(seed)
     latents = encode_latents(pipe.vae, images).to(device)
     unique = sorted(set(prompts)) + [""]
@@ -131,10 +137,16 @@ def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, 
     index = {p: i for i, p in enumerate(unique)}
     prompt_ids = torch.tensor([index[p] for p in prompts])
     model = pipe.transformer.to(device).train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3] if train_text_encoders else []
+    for enc in encoders:
+        enc.to(device).train().requires_grad_(True)
+    params = [p for m in [model, *encoders] for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = _schedule(opt, steps, warmup=max(1, steps // 20))
     tail, start = [], 0
     if resume is not None:
+        for enc, state in zip(encoders, resume.get("encoders", [])):
+            enc.load_state_dict(state)
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
@@ -147,12 +159,20 @@ def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, 
         x0, ids = latents[idx.to(device)], ids.to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         s = torch.sigmoid(torch.randn(batch_size, generator=g)).view(-1, 1, 1, 1).to(device)
+        if encoders:  # this batch's prompts through the encoders, with gradients
+            used, where = torch.unique(ids, return_inverse=True)
+            e, p = pipe.encode_prompt(prompt=[unique[i] for i in used.tolist()], prompt_2=None, prompt_3=None,
+                                      do_classifier_free_guidance=False, device=device,
+                                      max_sequence_length=MAX_SEQUENCE_LENGTH)[::2]
+            cond, cond_pooled = e[where], p[where]
+        else:
+            cond, cond_pooled = embeds[ids], pooled[ids]
         v = model(hidden_states=(1 - s) * x0 + s * noise, timestep=s.flatten() * 1000,
-                  encoder_hidden_states=embeds[ids], pooled_projections=pooled[ids], return_dict=False)[0]
+                  encoder_hidden_states=cond, pooled_projections=cond_pooled, return_dict=False)[0]
         loss = ((v - (noise - x0)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         log(i, loss.item())
@@ -161,9 +181,12 @@ def train_transformer(pipe, prompts: list[str], images: np.ndarray, steps: int, 
         done = i + 1
         if checkpoint is not None and done < steps and (done % checkpoint_every == 0 or stop()):
             checkpoint({"step": done, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "generator": g.get_state(), "tail": tail})
+                        "scheduler": sched.state_dict(), "generator": g.get_state(), "tail": tail,
+                        "encoders": [enc.state_dict() for enc in encoders]})
             if stop():
-                model.to("cpu")
+                for m in [model, *encoders]:
+                    m.to("cpu")
                 return None
-    model.to("cpu").eval().requires_grad_(False)
+    for m in [model, *encoders]:
+        m.to("cpu").eval().requires_grad_(False)
     return float(np.mean(tail))
