@@ -137,3 +137,25 @@ def test_world_signal_reports_every_task(tmp_path, capsys):
     assert "| composition |" in capsys.readouterr().out
     assert world_signal.main(["--world", str(tmp_path)]) == 2
     assert "base/model_index.json is missing" in capsys.readouterr().err
+
+
+def test_second_world_ships_its_prompt_files_and_a_valid_stage1_recipe():
+    """assets/world2 holds the grammar's split, the unseen-recombination set and the signal report its base was
+    judged by; configs/world2_stage1.yaml validates against it (every stage, every prompt file)."""
+    from pipelines.recipe import load_recipe
+    from world.grammar import unseen_recombinations
+    world2 = ROOT / "assets" / "world2"
+    records = world_records()
+    for task, (train, test) in records.items():
+        for split, recs in (("train", train), ("test", test)):
+            lines = (world2 / f"world_{task}_{split}.jsonl").read_text().splitlines()
+            assert [json.loads(line) for line in lines] == recs
+    unseen = [json.loads(line) for line in (world2 / "world_unseen.jsonl").read_text().splitlines()]
+    assert unseen == unseen_recombinations([r for train, _ in records.values() for r in train])
+    settings = json.loads((world2 / "train_world.json").read_text())
+    assert (settings["layout"], settings["text_encoders"]) == ("grid", "train")
+    assert json.loads((world2 / "signal.json").read_text())["layout"] == "grid"
+    recipe = load_recipe(str(ROOT / "configs" / "world2_stage1.yaml"), [])
+    assert {"teachers/text_teacher", "teachers/composition_teacher", "teachers/style_teacher", "grpo_mix",
+            "evaluate"} <= set(recipe.stages)
+    assert all(recipe.stages[f"teachers/{t}"].probe is not None for t in ("text_teacher", "composition_teacher"))
