@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import io
+import math
 import os
 import secrets
 import sys
@@ -23,15 +24,16 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator
 from ray import serve
 
 from actors.sampler import Sampler
 from flowopd.config import ConfigError, EvalModel, EvalSampling, ModelConfig, Strict, load_config
 from flowopd.hub import resolve_config
+from flowopd.models import transformer_config
+from pipelines.preflight import check_adapter, check_resolution, pixel_multiple
 
 
 class Limits(Strict):
@@ -55,6 +57,9 @@ class ServeConfig(Strict):
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, ge=0)
     max_batch_size: int = Field(8, gt=0)
+    # requests a replica holds at once, sampling or waiting for a batch; Serve queues the rest in front of the
+    # replica, where a GET /health would wait behind them
+    max_ongoing_requests: int = Field(256, gt=0)
     batch_wait_s: float = Field(0.05, ge=0)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -74,7 +79,7 @@ class FieldError(BaseModel):
 
 
 class ValidationFailed(BaseModel):
-    """FastAPI's 422 body; the checks that need the loaded model (size, format) answer in the same shape."""
+    """FastAPI's 422 body."""
     detail: list[FieldError]
 
 
@@ -95,33 +100,88 @@ class Generated(BaseModel):
     seconds: float
 
 
-def request_model(cfg: ServeConfig, default_model: str) -> type[BaseModel]:
+def integral(value):
+    """JSON Schema's `integer` includes 4.0, so a strict int field takes a float with no fraction (and still
+    rejects "4", 4.5 and booleans)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds):
+    """A strict int field with its bounds; the bounds come before the validator, or pydantic's JSON schema
+    writes them under names no schema reader knows (`ge` rather than `minimum`) inside an Optional."""
+    return Annotated[int, Field(**bounds), BeforeValidator(integral)]
+
+
+def largest_side(pixels: int, images: int, multiple: int) -> int:
+    """The largest image side, a multiple of `multiple`, with images x side^2 within `pixels`."""
+    side = math.isqrt(pixels // images)
+    return side - side % multiple
+
+
+def request_model(cfg: ServeConfig, default_model: str, multiple: int) -> type[BaseModel]:
     """The generate request, with bounds from the config. Strict, so `"seed": false` or `"steps": "4"` is a
-    422 rather than silently coerced, and an unknown (e.g. misspelt) key is a 422 rather than ignored."""
+    422 rather than silently coerced, and an unknown (e.g. misspelt) key is a 422 rather than ignored. The
+    rules that join two fields (png returns one image; num_images x size^2 within max_pixels) are validated
+    here too and stated in the JSON schema as if/then clauses, so every request the schema allows is served."""
     lim = cfg.limits
+    rules = [{"if": {"properties": {"format": {"const": "png"}}, "required": ["format"]},
+              "then": {"properties": {"num_images": {"const": 1}}}}]
+    for n in range(1, lim.max_images + 1):
+        side = largest_side(lim.max_pixels, n, multiple)
+        if side < lim.max_size:  # an absent num_images is 1, so that clause also applies without the key
+            rules.append({"if": {"properties": {"num_images": {"const": n}}} | ({"required": ["num_images"]} if n > 1 else {}),
+                          "then": {"properties": {"size": {"maximum": side}}}
+                          | ({"required": ["size"]} if cfg.model.resolution > side else {})})
+
+    def size_within_pixels(size: int, info: ValidationInfo) -> int:
+        images = info.data.get("num_images", 1)
+        if images * size ** 2 > lim.max_pixels:
+            raise ValueError(f"num_images x size^2 is over {lim.max_pixels} pixels: at most size "
+                             f"{largest_side(lim.max_pixels, images, multiple)} for {images} image(s)")
+        return size
+
+    def png_is_one_image(fmt: str, info: ValidationInfo) -> str:
+        if fmt == "png" and info.data.get("num_images", 1) != 1:
+            raise ValueError("format png returns one image: set num_images to 1 or use base64")
+        return fmt
+
     return create_model(
         "GenerateRequest",
-        __config__=ConfigDict(strict=True, extra="forbid"),
+        __config__=ConfigDict(strict=True, extra="forbid", json_schema_extra={"allOf": rules}),
+        __validators__={"size_within_pixels": field_validator("size")(size_within_pixels),
+                        "png_is_one_image": field_validator("format")(png_is_one_image)},
         prompt=(str, Field(min_length=1, max_length=lim.max_prompt_chars)),
-        model=(str, default_model),
-        num_images=(int, Field(1, ge=1, le=lim.max_images)),
-        steps=(int, Field(cfg.sampling.num_steps, ge=2, le=lim.max_steps)),
+        model=(Literal[tuple(cfg.models)], default_model),
+        num_images=(integer(ge=1, le=lim.max_images), 1),
+        steps=(integer(ge=2, le=lim.max_steps), cfg.sampling.num_steps),
         guidance=(float | None, Field(None, ge=0, le=30)),
-        seed=(int | None, Field(None, ge=0, lt=2 ** 63)),
-        size=(int, Field(cfg.model.resolution, ge=lim.min_size, le=lim.max_size)),
-        format=(Literal["base64", "png"], "base64"),
+        seed=(integer(ge=0, lt=2 ** 63) | None, None),
+        size=(integer(ge=lim.min_size, le=lim.max_size, multiple_of=multiple),
+              Field(cfg.model.resolution, validate_default=True)),
+        format=(Literal["base64", "png"], Field("base64", validate_default=True)),
     )
 
 
-def invalid(field: str, msg: str, value) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": msg, "input": value}])
+def size_multiple(cfg: ServeConfig) -> int:
+    """The base's pixel multiple, after checking that the limits leave every num_images a servable size."""
+    multiple = pixel_multiple(Path(cfg.model.base), transformer_config(cfg.model.base))
+    check_resolution(cfg.model.resolution, Path(cfg.model.base), transformer_config(cfg.model.base))
+    lim = cfg.limits
+    smallest = -(-lim.min_size // multiple) * multiple
+    if smallest > lim.max_size:
+        raise ConfigError(f"limits: no size between min_size {lim.min_size} and max_size {lim.max_size} is a "
+                          f"multiple of {multiple} (VAE scale x patch size of {cfg.model.base})")
+    if lim.max_images * smallest ** 2 > lim.max_pixels:
+        raise ConfigError(f"limits.max_pixels: {lim.max_pixels} cannot hold max_images {lim.max_images} images of "
+                          f"the smallest size {smallest}")
+    return multiple
 
 
 def build_app(cfg: ServeConfig):
     default_model = cfg.default_model or next(iter(cfg.models))
     if default_model not in cfg.models:
-        raise ValueError(f"default_model: {default_model!r} is not under `models`")
-    Request = request_model(cfg, default_model)
+        raise ConfigError(f"default_model: {default_model!r} is not under `models`")
+    Request = request_model(cfg, default_model, size_multiple(cfg))
     api = FastAPI(title="Flow-OPD image generation", version="1")
     bearer = HTTPBearer(auto_error=False, description="the server's API key (`api_key` or `api_key_env`)")
 
@@ -142,26 +202,23 @@ def build_app(cfg: ServeConfig):
         200: {"content": {"image/png": {}}, "description": "base64 PNGs with their seeds, or with format png "
                                                            "one raw PNG (its seed in the X-Seed header)"},
         400: {"model": Error, "description": "a body that cannot be decoded (not UTF-8)"},
-        404: {"model": Error, "description": "unknown model; GET /v1/models lists them"},
-        413: {"model": Error, "description": f"num_images x size^2 is over {cfg.limits.max_pixels} pixels"},
-        422: {"model": ValidationFailed, "description": "a missing, unknown, mistyped or out-of-bounds field, a "
-                                                        "size that is not a multiple of the model's patch, or "
-                                                        "format png with num_images above 1"},
+        422: {"model": ValidationFailed, "description": "a missing, unknown, mistyped or out-of-bounds field (an "
+                                                        "unknown model among them), or a broken joint rule the "
+                                                        "schema states (num_images x size^2 within max_pixels; "
+                                                        "format png with one image)"},
     }
 
-    # a full batch sampling, the next one filling, and room for /health and /v1/models beside them
-    @serve.deployment(num_replicas=cfg.replicas, max_ongoing_requests=2 * cfg.max_batch_size + 4,
+    @serve.deployment(num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
                       ray_actor_options={"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus})
     @serve.ingress(api)
     class ImageService:
         def __init__(self):
             models = {n: m.model_dump() for n, m in cfg.models.items()}
             self.sampler = Sampler(cfg.model, models, cfg.sampling, seed=0, batch_size=cfg.max_batch_size)
-            self.patch = self.sampler.pipe.vae_scale_factor * self.sampler.pipe.transformer.config.patch_size
             self.generating = 0
 
         @api.get("/health")
-        def health(self) -> Health:
+        async def health(self) -> Health:
             return Health(status="ok", generating=self.generating)
 
         @api.get("/v1/models", dependencies=auth, responses=unauthorized)
@@ -170,15 +227,6 @@ def build_app(cfg: ServeConfig):
 
         @api.post("/v1/generate", dependencies=auth, response_model=Generated, responses=generate_answers)
         async def generate(self, req: Request):
-            if req.model not in cfg.models:
-                raise HTTPException(404, f"unknown model {req.model!r}; see /v1/models")
-            if req.size % self.patch:
-                raise invalid("size", f"size must be a multiple of {self.patch}", req.size)
-            if req.num_images * req.size ** 2 > cfg.limits.max_pixels:
-                raise HTTPException(413, f"num_images x size^2 exceeds {cfg.limits.max_pixels} pixels")
-            if req.format == "png" and req.num_images != 1:
-                raise invalid("num_images", "format png returns one image: set num_images to 1 or use base64",
-                              req.num_images)
             seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "big")
             start = time.perf_counter()
             images = await self.batched(req.model_dump() | {"seed": seed})
@@ -229,6 +277,9 @@ def check_paths(cfg: ServeConfig) -> None:
     missing = [f"{key}: {path}" for key, path in paths.items() if not Path(path).exists()]
     if missing:
         raise ConfigError("these paths do not exist (train or export them first):\n  " + "\n  ".join(missing))
+    for name, m in cfg.models.items():
+        if m.adapter:
+            check_adapter(f"models.{name}.adapter", m.adapter, Path(cfg.model.base))
 
 
 def app_from_env():
@@ -245,6 +296,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides, ServeConfig)
         resolve_config(cfg)
         check_paths(cfg)
+        size_multiple(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

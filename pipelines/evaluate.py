@@ -30,7 +30,7 @@ from flowopd.data import DataError
 from flowopd.hub import resolve_config
 from flowopd.tracking import make_tracker
 from pipelines.launch import init_ray, load_job
-from pipelines.preflight import check_logger, check_resolution, check_reward_specs, read_sources
+from pipelines.preflight import check_adapter, check_logger, check_resolution, check_reward_specs, read_sources
 
 log = logging.getLogger("evaluate")
 SPOT_CHECK = 4  # images re-sampled to confirm that reused results reproduce here
@@ -105,7 +105,7 @@ def load_prompts(cfg: EvalConfig):
 
 def preflight_eval(cfg: EvalConfig):
     from actors.sampler import model_sampling
-    from flowopd.models import check_adapter_fits, transformer_config
+    from flowopd.models import transformer_config
     resolve_config(cfg)
     if not Path(cfg.model.base).exists():
         raise ConfigError(f"model.base: {cfg.model.base} does not exist")
@@ -113,10 +113,7 @@ def preflight_eval(cfg: EvalConfig):
     check_logger(cfg)
     for name, m in cfg.models.items():
         if m.adapter:
-            try:
-                check_adapter_fits(m.adapter, cfg.model.base)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"models.{name}.adapter: {e}") from None
+            check_adapter(f"models.{name}.adapter", m.adapter, Path(cfg.model.base))
         elif m.transformer and not Path(m.transformer).exists():
             raise ConfigError(f"models.{name}.transformer: {m.transformer} does not exist")
         if m.sampling:

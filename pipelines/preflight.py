@@ -42,11 +42,11 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
         if not same:
             raise ConfigError(f"student.base: {sb} has another architecture than model.base {base}")
     if cfg.student.init_adapter:
-        _adapter("student.init_adapter", cfg.student.init_adapter, Path(cfg.student_base()))
+        check_adapter("student.init_adapter", cfg.student.init_adapter, Path(cfg.student_base()))
     _check_teachers(cfg, base, tcfg)
     fake = getattr(cfg, "fake", None)  # distribution matching's fake score
     if fake is not None and fake.init_adapter:
-        _adapter("fake.init_adapter", fake.init_adapter, base)
+        check_adapter("fake.init_adapter", fake.init_adapter, base)
     check_reward_specs(cfg.reward_specs())
     backprop = getattr(getattr(cfg, "rtdmd", None), "backprop", None)
     if backprop is not None:
@@ -69,12 +69,17 @@ def preflight(cfg: JobConfig) -> list[list[PromptRecord]]:
     return sources
 
 
-def check_resolution(resolution: int, base: Path, tcfg: dict) -> None:
-    """Images must map to whole latent patches: a multiple of the VAE's scale times the patch size."""
+def pixel_multiple(base: Path, tcfg: dict) -> int:
+    """Image sides must be a multiple of this to map to whole latent patches: the VAE's downscale times the
+    transformer's patch size (1, no constraint known, where the base has no VAE config)."""
     vae_file = base / "vae" / "config.json"
     if not vae_file.exists():
-        return
-    scale = 2 ** (len(json.loads(vae_file.read_text())["block_out_channels"]) - 1) * tcfg.get("patch_size", 1)
+        return 1
+    return 2 ** (len(json.loads(vae_file.read_text())["block_out_channels"]) - 1) * tcfg.get("patch_size", 1)
+
+
+def check_resolution(resolution: int, base: Path, tcfg: dict) -> None:
+    scale = pixel_multiple(base, tcfg)
     if resolution % scale:
         raise ConfigError(f"model.resolution: {resolution} is not a multiple of {scale} (VAE scale x patch size "
                           f"of {base}); use e.g. {max(scale, resolution // scale * scale)}")
@@ -133,7 +138,7 @@ def _check_teachers(cfg, base: Path, tcfg: dict) -> None:
     for name in cfg.used_teachers():
         t = cfg.teachers[name]
         if t.adapter:
-            _adapter(f"teachers.{name}.adapter", t.adapter, base)
+            check_adapter(f"teachers.{name}.adapter", t.adapter, base)
         elif t.transformer:
             p = Path(t.transformer)
             try:
@@ -147,7 +152,7 @@ def _check_teachers(cfg, base: Path, tcfg: dict) -> None:
                                   f"OPD needs teachers of the student's architecture")
 
 
-def _adapter(key: str, path: str, base: Path) -> None:
+def check_adapter(key: str, path: str, base: Path) -> None:
     from flowopd.models import check_adapter_fits
     try:
         check_adapter_fits(path, str(base))
